@@ -1,0 +1,268 @@
+"""The DALI loader: flip, shift-scale-rotate, cutout and normalize, from the same AugSpec, on the GPU.
+
+Two graphs share one parameter design (pipeline.params) and one cutout+normalize function:
+
+* GPU (`batched_pipeline`): one DALI *sample* is a whole batch, N images stacked into one tall (N*32, 32, 3)
+  image. DALI's cost is per sample and per operator, not per pixel, for 32x32 images, so a batch of one sample
+  costs the same few operator launches at any N. Sampling maps for all N images are built with broadcasting
+  arithmetic, clamped inside each image's own tile (that is the replicate border), and one `experimental.remap`
+  resamples everything. Cutout is a mask blend; normalize is arithmetic. The training set stays resident on the GPU.
+* CPU (`per_image_pipeline`): `experimental.remap` has no CPU implementation, so on a machine without a GPU each
+  sample is one image and `warp_affine` takes its matrix. Same matrices, same cutout and normalize code.
+
+Both emit NHWC float32; viewed as NCHW that is exactly torch's channels_last memory, so no transpose is ever made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.order import epoch_indices, num_batches
+from pipeline.params import AugParams, draw_params, epoch_generator, hole_boxes, sampling_matrices
+from pipeline.spec import AugSpec
+
+# Batches handed to DALI ahead of the training loop. Two keeps DALI busy while the model trains on the current one.
+# (DALI's own prefetch_queue_depth stays 1: its first schedule_run() would otherwise run that many iterations at once,
+# and with fed inputs it is simpler to schedule exactly one iteration per fed batch; the dynamic executor queues them.)
+LOOKAHEAD = 2
+
+_warned_cpu_mode = False
+
+
+class DaliUnavailable(RuntimeError):
+    """DALI cannot be imported on this machine."""
+
+
+def require_dali():  # noqa: ANN201 (returns the module)
+    try:
+        import nvidia.dali as dali
+    except ImportError as err:
+        raise DaliUnavailable(
+            "NVIDIA DALI is not installed (import nvidia.dali failed: "
+            f"{err}). Install it with `pip install nvidia-dali-cuda130` (CUDA 13 drivers) or "
+            "`pip install nvidia-dali-cuda120` (CUDA 12), on Linux x86-64 or aarch64; or use --loader cpu."
+        ) from None
+    return dali
+
+
+def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optional)
+    require_dali()
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    def grid(height: int, width: int) -> tuple:
+        """Output pixel coordinates as broadcastable constants: gy is (H, 1), gx is (1, W)."""
+        gy = types.Constant(np.arange(height, dtype=np.float32).reshape(height, 1))
+        gx = types.Constant(np.arange(width, dtype=np.float32).reshape(1, width))
+        return gy, gx
+
+    def normalize(pixels, spec: AugSpec):
+        """(x / 255 - mean) / std per channel, as one multiply-add; float32 out."""
+        scale = [1 / (255 * s) for s in spec.std]
+        shift = [m / s for m, s in zip(spec.mean, spec.std, strict=True)]
+        return pixels * types.Constant(np.float32(scale).reshape(1, 1, 3)) - types.Constant(
+            np.float32(shift).reshape(1, 1, 3))
+
+    def cutout_then_normalize(pixels, holes, gy, gx, spec: AugSpec, width: int):
+        """Write the cutout fill into the hole, then normalize.
+
+        `holes` holds [y0, x0, y1, x1) boxes shaped so each broadcasts against the (H, W) grid: (1, 1) per image in
+        the per-image graph, (N, 1, 1) for N images in the batched one; an empty box means no cutout.
+        """
+        inside = (gy >= holes[0]) & (gy < holes[2]) & (gx >= holes[1]) & (gx < holes[3])
+        inside = fn.reshape(inside, shape=[-1, width, 1])  # rows of all images, then a channel axis to broadcast
+        # bool and uint8 promote to int32 here: exact, and no uint8 wrap-around
+        return normalize(pixels * (1 - inside) + inside * spec.cutout_fill_uint8, spec)
+
+    def dali_remap(images, src_x, src_y):
+        return fn.experimental.remap(
+            images, src_x, src_y,
+            pixel_origin="center",  # OpenCV's convention, the one albumentations (and pipeline.params) use
+            interp=types.INTERP_LINEAR,
+        )
+
+    @pipeline_def
+    def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu",
+                         remap=dali_remap):
+        """GPU graph. Inputs per iteration, each one DALI sample:
+        images (N*H, W, 3) uint8; warp (7, N, 1, 1): sampling matrix rows a..f and each image's first row in the
+        tall image; holes (4, N, 1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with
+        OpenCV standing in for the GPU-only remap.)"""
+        images = fn.external_source(name="images", device=device, layout="HWC")
+        if not augment:
+            return normalize(images, spec)
+        warp = fn.external_source(name="warp", device=device)
+        holes = fn.external_source(name="holes", device=device)
+        gy, gx = grid(height, width)
+        # Source position of every output pixel (pixel centres), clamped to its own image: the replicate border.
+        src_x = dmath.clamp(warp[0] * gx + warp[1] * gy + warp[2], 0.0, width - 1.0)
+        src_y = dmath.clamp(warp[3] * gx + warp[4] * gy + warp[5], 0.0, height - 1.0) + warp[6]
+        warped = remap(images, fn.reshape(src_x, shape=[-1, width], layout="HW"),
+                       fn.reshape(src_y, shape=[-1, width], layout="HW"))
+        return cutout_then_normalize(warped, holes, gy, gx, spec, width)
+
+    @pipeline_def
+    def per_image_pipeline(spec: AugSpec, height: int, width: int, augment: bool):
+        """CPU graph. Inputs per iteration, one DALI sample per image:
+        images (H, W, 3) uint8; warp (2, 3) in DALI's pixel-corner convention; holes (4, 1, 1)."""
+        images = fn.external_source(name="images", layout="HWC")
+        if not augment:
+            return normalize(images, spec)
+        warp = fn.external_source(name="warp")
+        holes = fn.external_source(name="holes")
+        # No fill_value: DALI clamps at the border, which is the replicate border.
+        warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.INTERP_LINEAR)
+        gy, gx = grid(height, width)
+        return cutout_then_normalize(warped, holes, gy, gx, spec, width)
+
+    return batched_pipeline, per_image_pipeline
+
+
+def _to_dali_corner_convention(matrices: torch.Tensor) -> torch.Tensor:
+    """OpenCV puts pixel centres at integers, DALI's warp at integer + 0.5: M_dali = T(+0.5) M T(-0.5)."""
+    m = matrices.clone()
+    m[:, :, 2] += 0.5 - 0.5 * (matrices[:, :, 0] + matrices[:, :, 1])
+    return m
+
+
+class DaliLoader:
+    """Yields (x, y) like the CPU loader: x float32 [B,3,H,W] channels_last, normalized; y int64 [B]; on `device`.
+
+    Each pass is one epoch (the epoch number advances by itself; `set_epoch` jumps), reshuffled from seed + epoch,
+    this rank's shard only. Augmentation parameters come from a generator seeded by (seed, epoch, rank), so an epoch
+    is reproducible on its own, e.g. after resuming.
+
+    `graph` picks the DALI graph: "batched" (the GPU design; the default on CUDA) or "per_image" (the default on
+    the CPU). `remap` replaces the batched graph's resampling operator; tests use it to run that graph on the CPU.
+    """
+
+    kind = "dali"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, spec: AugSpec, train: bool,
+                 device: str | torch.device, seed: int, shuffle: bool, drop_last: bool, rank: int, world_size: int,
+                 workers: int | None, graph: str | None = None, remap=None):  # noqa: ANN001
+        batched_pipeline, per_image_pipeline = _graphs()
+        self.device = torch.device(device)
+        on_gpu = self.device.type == "cuda"
+        self.graph = graph or ("batched" if on_gpu else "per_image")
+        self.spec, self.train, self.seed, self.shuffle = spec, train, seed, shuffle
+        self.batch_size, self.drop_last, self.rank, self.world_size = batch_size, drop_last, rank, world_size
+        self.n = len(images)
+        self.height, self.width = images.shape[1:3]
+        self.num_samples = len(range(rank, self.n, world_size))
+        self.epoch = 0
+        # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
+        # batch, and the batch is gathered by index on the device.
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+        if not on_gpu:
+            _say_cpu_mode_once()
+        options = dict(num_threads=workers or min(4, os.cpu_count() or 1), prefetch_queue_depth=1, seed=seed,
+                       device_id=(self.device.index or 0) if on_gpu else None)
+        if self.graph == "batched":
+            extra = {"remap": remap} if remap is not None else {}
+            self.pipe = batched_pipeline(spec, self.height, self.width, train, "gpu" if on_gpu else "cpu", **extra,
+                                         batch_size=1, **options)
+        elif self.graph == "per_image":
+            if on_gpu:
+                raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
+            self.pipe = per_image_pipeline(spec, self.height, self.width, train, batch_size=batch_size, **options)
+        else:
+            raise ValueError(f"unknown DALI graph {graph!r}; choose batched or per_image")
+        self.pipe.build()
+
+    def __len__(self) -> int:
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = epoch_indices(self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
+                              world_size=self.world_size)
+        batches = [torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
+                   for b in range(len(self))]
+        generator = epoch_generator(self.seed, epoch, self.rank, self.device)
+        labels: deque[torch.Tensor] = deque()
+        try:
+            for index in batches[:LOOKAHEAD]:
+                labels.append(self._submit(index, generator))
+            for b in range(len(batches)):
+                x = self._collect()
+                y = labels.popleft()
+                if b + LOOKAHEAD < len(batches):
+                    labels.append(self._submit(batches[b + LOOKAHEAD], generator))
+                yield x, y
+        finally:  # a consumer that stops early must not leave batches queued for the next epoch
+            for _ in labels:
+                self.pipe.outputs()
+
+    def run_fixed(self, images: np.ndarray, params: AugParams) -> torch.Tensor:
+        """Augment `images` with explicit parameters (the parity tests' seam); returns NCHW channels_last floats."""
+        saved = self.images
+        self.images = torch.from_numpy(images).to(self.device)
+        try:
+            self._feed(self.images, torch.arange(len(images), device=self.device), params)
+            self.pipe.schedule_run()
+            return self._collect()
+        finally:
+            self.images = saved
+
+    def _submit(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        params = draw_params(self.spec, len(index), self.height, self.width, generator, self.device)
+        self._feed(self.images, index, params)
+        self.pipe.schedule_run()
+        return self.labels[index]
+
+    def _feed(self, images: torch.Tensor, index: torch.Tensor, params: AugParams) -> None:
+        n, h, w = len(index), self.height, self.width
+        if self.graph == "batched":
+            self._feed_input("images", images[index].view(1, n * h, w, 3), layout="HWC")
+            if self.train:
+                rows = sampling_matrices(params, h, w).view(n, 6).T
+                first_rows = torch.arange(n, device=self.device, dtype=torch.float32).mul_(h).view(1, n)
+                self._feed_input("warp", torch.cat([rows, first_rows]).view(1, 7, n, 1, 1))
+                self._feed_input("holes", hole_boxes(params).T.reshape(1, 4, n, 1, 1))
+        else:
+            self._feed_input("images", images[index], layout="HWC")
+            if self.train:
+                self._feed_input("warp", _to_dali_corner_convention(sampling_matrices(params, h, w)))
+                self._feed_input("holes", hole_boxes(params).view(n, 4, 1, 1))
+
+    def _feed_input(self, name: str, tensor: torch.Tensor, layout: str | None = None) -> None:
+        tensor = tensor.contiguous()
+        if tensor.is_cuda:
+            # DALI copies on torch's stream, so the copy is ordered after the kernels that produced the tensor.
+            self.pipe.feed_input(name, tensor, layout=layout, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            self.pipe.feed_input(name, tensor.numpy(), layout=layout)
+
+    def _collect(self) -> torch.Tensor:
+        (out,) = self.pipe.outputs()
+        if self.graph == "batched":
+            tall = out[0]
+            rows, w, c = tall.shape()
+            x = torch.empty((rows // self.height, self.height, w, c), dtype=torch.float32, device=self.device)
+            if self.device.type == "cuda":
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+
+                feed_ndarray(tall, x, cuda_stream=torch.cuda.current_stream(self.device))
+            else:
+                x.copy_(torch.from_numpy(np.asarray(tall)).view(x.shape))
+        else:
+            x = torch.from_numpy(np.array(out.as_array()))
+        return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
+
+
+def _say_cpu_mode_once() -> None:
+    global _warned_cpu_mode
+    if not _warned_cpu_mode:
+        _warned_cpu_mode = True
+        print("DALI: no GPU in use, running DALI's CPU operators (expect CPU-loader speeds, not GPU ones).",
+              flush=True)

@@ -1,0 +1,183 @@
+"""Training configuration: plain defaults, named recipes, CLI overrides (in that order of precedence, last wins)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+import model
+from pipeline import LOADERS
+from pipeline.spec import AugSpec
+
+
+@dataclass
+class TrainConfig:
+    loader: str = "dali"
+    model: str = "seed"
+    epochs: int = 60
+    batch_size: int = 128  # global: the images in one optimizer step, summed over all ranks under torchrun
+    lr: float = 0.05  # peak learning rate of the schedule
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_frac: float = 0.2  # onecycle / linear: fraction of the steps spent rising to the peak
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
+    tta: str = "none"  # "flip": average the logits of each test image and its mirror image
+    aug: list[str] = field(default_factory=list)  # AugSpec overrides, KEY=VALUE
+    val_split: int = 0  # hold out this many training images; evaluate on them instead of the test set
+    data_dir: str | None = None
+    download: bool = False
+    allow_small_data: bool = False
+    limit_train: int = 0  # 0 = all
+    out: str = "runs/latest"
+    resume: str | None = None  # a checkpoint path, or "auto" for <out>/last.pt
+    overwrite: bool = False
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    recipe: str | None = None
+
+    def aug_spec(self) -> AugSpec:
+        return AugSpec.from_overrides(self.aug)
+
+
+# Named recipes: every value that differs from the defaults above, in one place.
+RECIPES: dict[str, dict[str, object]] = {
+    # The seed's settings: its net, batch size 128, 60 epochs, its augmentations (AugSpec defaults).
+    "seed": {"model": "seed", "batch_size": 128, "epochs": 60, "lr": 0.05, "optimizer": "sgd",
+             "schedule": "onecycle"},
+}
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+DEVICES = ("auto", "cuda", "cpu")
+TTAS = ("none", "flip")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; reported as one line with exit code 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):  # noqa: ANN201
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _OneLineParser(
+        prog="python -m train",
+        description="Train a small CIFAR-10 network, fed by the DALI GPU loader or the albumentations CPU loader.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--recipe", choices=sorted(RECIPES), default=None,
+      help="named settings (see train/config.py RECIPES); explicit flags override them")
+    a("--loader", choices=LOADERS, default=d.loader,
+      help="dali: DALI pipeline (GPU operators on CUDA, CPU operators otherwise); cpu: albumentations + DataLoader")
+    a("--model", default=d.model, help=f"network: one of {', '.join(model.NAMES)}")
+    a("--epochs", type=int, default=d.epochs, help="training epochs")
+    a("--batch-size", type=int, default=d.batch_size,
+      help="global batch size (images per optimizer step, over all torchrun ranks)")
+    a("--lr", type=float, default=d.lr, help="peak learning rate")
+    a("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
+    a("--momentum", type=float, default=d.momentum, help="SGD momentum (AdamW beta1)")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov, help="Nesterov momentum for SGD")
+    a("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    a("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule, stepped every batch")
+    a("--warmup-frac", type=float, default=d.warmup_frac, help="onecycle/linear: fraction of steps warming up")
+    a("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the cross-entropy")
+    a("--ema", type=float, default=d.ema, help="weight EMA decay per step for evaluation (0 = off)")
+    a("--tta", choices=TTAS, default=d.tta, help="test-time augmentation: flip averages an image and its mirror")
+    a("--aug", action="append", default=[], metavar="KEY=VALUE",
+      help="override an AugSpec field, e.g. --aug cutout_p=0.3 (repeatable; see pipeline/spec.py)")
+    a("--val-split", type=int, default=d.val_split,
+      help="hold out N training images and evaluate on them instead of the test set (for tuning)")
+    a("--data-dir", default=d.data_dir,
+      help="folder holding cifar-10-batches-py/ (or that folder); default $CIFAR10_ROOT, else ~/data/cifar10")
+    a("--download", action="store_true", help="download and verify the official archive if the data is missing")
+    a("--allow-small-data", action="store_true", help="accept splits smaller than 50,000/10,000 (tests)")
+    a("--limit-train", type=int, default=d.limit_train, help="train on the first N images only (smoke runs); 0 = all")
+    a("--out", default=d.out, help="output folder for metrics.json, checkpoints and plots")
+    a("--resume", default=d.resume, metavar="PATH|auto",
+      help="continue from a checkpoint (auto = <out>/last.pt)")
+    a("--overwrite", action="store_true", help="allow --out to hold another run's files (they are replaced)")
+    a("--seed", type=int, default=d.seed, help="seed for the order, the augmentations and the weights")
+    a("--device", choices=DEVICES, default=d.device, help="auto = CUDA if available")
+    a("--workers", type=int, default=d.workers,
+      help="CPU loader: DataLoader worker processes; DALI: threads (default: all cores / 4)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast on CUDA")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+      help="channels_last memory format for the model and its input")
+    a("--compile", action="store_true", help="torch.compile the model (time reported as compile_seconds)")
+    a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks")
+    a("--tensorboard", action="store_true", help="also log to <out>/tensorboard (needs the [tensorboard] extra)")
+    a("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show the tqdm progress bar")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = _explicit_flags(parser, argv)
+    values = dict(vars(args))
+    if args.recipe:
+        for key, value in RECIPES[args.recipe].items():
+            if key not in explicit:
+                values[key] = value
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in names})
+    validate(cfg)
+    return cfg
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations the user set on the command line (so a recipe does not override them)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    explicit = set()
+    for action in parser._actions:
+        if any(opt in given or opt.replace("--", "--no-", 1) in given for opt in action.option_strings):
+            explicit.add(action.dest)
+    return explicit
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse values that cannot work, before any work is done."""
+    checks = [
+        (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
+        (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.model in model.NAMES, f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.NAMES)}"),
+        (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is unknown; choose one of {', '.join(LOADERS)}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (0 <= cfg.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {cfg.warmup_frac}"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
+        (cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}"),
+        (cfg.limit_train >= 0, f"--limit-train must be >= 0, got {cfg.limit_train}"),
+        (cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        cfg.aug_spec()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
