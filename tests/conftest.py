@@ -1,0 +1,94 @@
+"""Shared fixtures: small synthetic CIFAR-10 copies written in the standard layout (tests never read ../shared)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import write_cifar10
+
+
+def smooth_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    """Photo-like uint8 images: blurred noise with some structure (not flat, not white noise)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.random((n, size, size, 3)).astype(np.float32)
+    blurred = np.stack([cv2.GaussianBlur(img, (0, 0), 1.5) for img in noise])
+    lo, hi = blurred.min(axis=(1, 2, 3), keepdims=True), blurred.max(axis=(1, 2, 3), keepdims=True)
+    return np.round(255 * (blurred - lo) / (hi - lo)).astype(np.uint8)
+
+
+def indexed_images(n: int, size: int = 32) -> np.ndarray:
+    """Image i carries its own index in its pixels (base-256 digits in the first three pixels of channel 0)."""
+    images = np.zeros((n, size, size, 3), np.uint8)
+    idx = np.arange(n)
+    for digit in range(3):
+        images[:, 0, digit, 0] = (idx >> (8 * digit)) & 255
+    return images
+
+
+def decode_index(x: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+    """Inverse of indexed_images for a normalized batch x [B,3,H,W] (no augmentation applied)."""
+    pixels = torch.round((x[:, 0, 0, :3] * std + mean) * 255).long()
+    return (pixels[:, 0] + 256 * pixels[:, 1] + 65536 * pixels[:, 2]).cpu().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> str:
+    """A CIFAR-10-layout folder with 300 train and 100 test images whose labels follow the image colour."""
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(1)
+    train_y, test_y = rng.integers(0, 10, 300), rng.integers(0, 10, 100)
+
+    def images_for(labels: np.ndarray) -> np.ndarray:
+        base = smooth_images(len(labels), seed=len(labels)).astype(np.int16) // 2
+        base[np.arange(len(labels)), :, :, labels % 3] += (20 * labels[:, None, None]).astype(np.int16)  # a tint
+        return np.clip(base, 0, 255).astype(np.uint8)
+
+    write_cifar10(root, images_for(train_y), train_y, images_for(test_y), test_y)
+    return str(root)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def opencv_remap(images, src_x, src_y):  # noqa: ANN001, ANN201
+    """OpenCV standing in for DALI's GPU-only remap, so the batched (GPU) graph runs on a CPU-only machine."""
+    from nvidia.dali import fn
+
+    def remap(image: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+        return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+    return fn.python_function(images, src_x, src_y, function=remap, num_outputs=1)
+
+
+# The loaders under test. "dali-batched-cpu" is the GPU graph on the CPU with OpenCV's remap; "dali-gpu" needs CUDA.
+LOADER_VARIANTS = ["cpu", "dali-per-image", "dali-batched-cpu", "dali-gpu"]
+
+
+def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):  # noqa: ANN201
+    from pipeline import make_loader
+
+    if variant.startswith("dali") and not dali_available():
+        pytest.skip("DALI is not installed")
+    if variant == "dali-gpu" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if variant == "cpu":
+        return make_loader("cpu", images, labels, batch_size, workers=kw.pop("workers", 0), **kw)
+    if variant == "dali-gpu":
+        return make_loader("dali", images, labels, batch_size, device="cuda", **kw)
+    from pipeline.dali_loader import DaliLoader
+    from pipeline.spec import AugSpec
+
+    args = dict(spec=AugSpec(), train=True, device="cpu", seed=0, shuffle=True, drop_last=False, rank=0,
+                world_size=1, workers=2)
+    args.update(kw)
+    if variant == "dali-batched-cpu":
+        return DaliLoader(images, labels, batch_size, graph="batched", remap=opencv_remap, **args)
+    return DaliLoader(images, labels, batch_size, graph="per_image", **args)

@@ -1,0 +1,117 @@
+"""The loader contract, for the CPU loader and every DALI graph: shapes, layout, len(), sharding, order, labels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import LOADER_VARIANTS, build_loader, decode_index, indexed_images
+
+from pipeline import make_loader
+from pipeline.spec import AugSpec
+
+N = 203  # odd on purpose: uneven shards and a partial last batch
+
+
+@pytest.fixture(scope="module")
+def data():
+    images = indexed_images(N)
+    labels = (np.arange(N) * 7 % 10).astype(np.int64)  # a label any image's index determines
+    return images, labels
+
+
+def _device(variant: str) -> str:
+    return "cuda" if variant == "dali-gpu" else "cpu"
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_batches_shape_dtype_layout_and_len(variant, data):
+    images, labels = data
+    loader = build_loader(variant, images, labels, 64)
+    batches = list(loader)
+    assert len(loader) == len(batches) == math.ceil(N / 64)
+    for x, y in batches:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.shape[1:] == (3, 32, 32) and y.shape == (x.shape[0],)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert x.device.type == y.device.type == _device(variant)
+    assert [len(y) for _, y in batches] == [64, 64, 64, N - 192]
+    dropped = build_loader(variant, images, labels, 64, drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 3
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+@pytest.mark.parametrize("train", [False, True])
+def test_two_ranks_see_every_image_exactly_once_with_its_label(variant, train, data):
+    images, labels = data
+    seen = []
+    for rank in range(2):
+        # train=True with every probability 0 runs the training graph but keeps the pixels that encode the index
+        loader = build_loader(variant, images, labels, 32, rank=rank, world_size=2, train=train, spec=AugSpec.none())
+        got = [(decode_index(x), y.cpu().numpy()) for x, y in loader]
+        index = np.concatenate([i for i, _ in got])
+        assert len(index) == len(range(rank, N, 2)) == sum(len(i) for i, _ in got)
+        assert len(loader) == math.ceil(len(index) / 32)
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), labels[index])
+        seen.append(index)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(np.concatenate(seen)) == list(range(N))
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_order_reshuffles_each_epoch_from_the_seed(variant, data):
+    images, labels = data
+
+    def orders(seed: int, epochs: int = 2) -> list[np.ndarray]:
+        loader = build_loader(variant, images, labels, 64, seed=seed, train=False)
+        return [np.concatenate([decode_index(x) for x, _ in loader]) for _ in range(epochs)]
+
+    first, second = orders(seed=5)
+    assert not np.array_equal(first, second) and sorted(first) == sorted(second) == list(range(N))
+    np.testing.assert_array_equal(orders(seed=5)[0], first)  # same seed, same order
+    assert not np.array_equal(orders(seed=6)[0], first)
+    loader = build_loader(variant, images, labels, 64, seed=5, train=False)
+    loader.set_epoch(1)  # resuming at epoch 1 gives epoch 1's order
+    np.testing.assert_array_equal(np.concatenate([decode_index(x) for x, _ in loader]), second)
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_augmented_epochs_are_reproducible(variant, data):
+    images, labels = data
+    runs = []
+    for _ in range(2):
+        loader = build_loader(variant, images, labels, 64, seed=3)
+        loader.set_epoch(4)
+        runs.append(torch.cat([x.cpu() for x, _ in loader]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_stopping_early_leaves_the_next_epoch_intact(variant, data):
+    images, labels = data
+    loader = build_loader(variant, images, labels, 32, train=False, shuffle=False)
+    for _ in zip(range(2), loader, strict=False):
+        pass
+    index = np.concatenate([decode_index(x) for x, _ in loader])
+    np.testing.assert_array_equal(index, np.arange(N))
+
+
+def test_unknown_kind_and_bad_inputs_are_refused(data):
+    images, labels = data
+    with pytest.raises(ValueError, match="unknown loader 'ffcv'"):
+        make_loader("ffcv", images, labels, 8)
+    with pytest.raises(ValueError, match="batch_size must be > 0"):
+        make_loader("cpu", images, labels, 0)
+    with pytest.raises(ValueError, match="203 images but 3 labels"):
+        make_loader("cpu", images, labels[:3], 8)
+    with pytest.raises(ValueError, match="rank must be in"):
+        list(make_loader("cpu", images, labels, 8, rank=2, world_size=2, workers=0))
+
+
+def test_cpu_loader_results_do_not_depend_on_worker_count(data):
+    images, labels = data
+    a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=0)])
+    b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=2)])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

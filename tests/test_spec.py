@@ -1,0 +1,73 @@
+"""AugSpec: the seed's defaults, validation, CLI overrides, and that albumentations is built from it alone."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import pytest
+
+from pipeline.albu_loader import build_transform
+from pipeline.spec import AugSpec
+
+
+def test_defaults_are_the_seeds():
+    s = AugSpec()
+    assert (s.flip_p, s.ssr_p, s.cutout_p) == (0.5, 0.5, 0.5)
+    assert (s.shift_max_frac, s.scale_max_delta, s.rotate_max_deg) == (0.05, 0.05, 5.0)
+    assert (s.cutout_min_px, s.cutout_max_px, s.cutout_fill) == (1, 12, 0.5)
+    assert s.mean == (0.5, 0.5, 0.5) and s.std == (0.5, 0.5, 0.5)
+    assert s.cutout_fill_uint8 == 128  # mid-grey, not the black that fill_value=0.5 became on uint8 in the seed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"flip_p": 1.5}, "flip_p must be a probability"),
+        ({"ssr_p": -0.1}, "ssr_p must be a probability"),
+        ({"cutout_p": float("nan")}, "cutout_p must be a probability"),
+        ({"shift_max_frac": -0.01}, "shift_max_frac must be a finite number >= 0"),
+        ({"shift_max_frac": 2.0}, "shift_max_frac is a fraction"),
+        ({"scale_max_delta": 1.0}, "scale_max_delta must be < 1"),
+        ({"rotate_max_deg": 270.0}, "rotate_max_deg must be <= 180"),
+        ({"cutout_min_px": 0}, "cutout_min_px must be an integer >= 1"),
+        ({"cutout_min_px": 9, "cutout_max_px": 4}, "cutout_min_px \\(9\\) must be <= cutout_max_px \\(4\\)"),
+        ({"cutout_fill": 1.2}, "cutout_fill is in \\[0, 1\\]"),
+        ({"std": (0.5, 0.0, 0.5)}, "std must be > 0"),
+        ({"mean": (0.5, 0.5)}, "mean needs one value per RGB channel"),
+    ],
+)
+def test_validation_names_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        AugSpec(**change)
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        AugSpec().flip_p = 0.1  # type: ignore[misc]
+
+
+def test_overrides_from_cli_strings():
+    s = AugSpec.from_overrides(["cutout_p=0.3", "cutout-max-px=8", "mean=0.4914,0.4822,0.4465", "std=0.25"])
+    assert s.cutout_p == 0.3 and s.cutout_max_px == 8
+    assert s.mean == (0.4914, 0.4822, 0.4465) and s.std == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="KEY one of"):
+        AugSpec.from_overrides(["cutout_prob=0.3"])
+    with pytest.raises(ValueError, match="not a number"):
+        AugSpec.from_overrides(["flip_p=often"])
+    with pytest.raises(ValueError, match="flip_p must be a probability"):
+        AugSpec.from_overrides(["flip_p=2"])
+
+
+def test_albumentations_pipeline_carries_the_spec_values():
+    spec = AugSpec(flip_p=0.1, ssr_p=0.2, cutout_p=0.3, shift_max_frac=0.1, scale_max_delta=0.2, rotate_max_deg=7,
+                   cutout_min_px=2, cutout_max_px=9, cutout_fill=0.25, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    affine, flip, dropout, normalize = build_transform(spec).transforms
+    assert isinstance(affine, A.Affine) and affine.p == 0.2 and affine.border_mode == cv2.BORDER_REPLICATE
+    assert affine.rotate == (-7, 7) and affine.scale == {"x": (0.8, 1.2), "y": (0.8, 1.2)} and affine.keep_ratio
+    assert affine.translate_percent == {"x": (-0.1, 0.1), "y": (-0.1, 0.1)}
+    assert isinstance(flip, A.HorizontalFlip) and flip.p == 0.1
+    assert isinstance(dropout, A.CoarseDropout) and dropout.p == 0.3 and dropout.fill == 64
+    assert dropout.hole_height_range == (2, 9) and dropout.hole_width_range == (2, 9)
+    assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.4, 0.5, 0.6)
+    (only,) = build_transform(spec, train=False).transforms
+    assert isinstance(only, A.Normalize)
