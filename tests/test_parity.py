@@ -65,9 +65,8 @@ def _dali_fixed(variant: str, images: np.ndarray, rows: list[dict]) -> np.ndarra
 
 def _albu_fixed(images: np.ndarray, rows: list[dict]) -> np.ndarray:
     transform = build_transform(SPEC)
-    return to_pixels(torch.from_numpy(np.stack([apply_fixed(transform, im, r) for im, r in zip(images, rows,
-                                                                                               strict=True)]))
-                     .permute(0, 3, 1, 2))
+    out = np.stack([apply_fixed(transform, image, row) for image, row in zip(images, rows, strict=True)])
+    return to_pixels(torch.from_numpy(out).permute(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
@@ -130,8 +129,8 @@ def measure(pixels: np.ndarray) -> dict[str, np.ndarray]:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
     # fit src = A @ (x, y, 1) per image on the pixels that are neither in the hole nor clamped at the border
     use = ~hole & (src_x > 0.3) & (src_x < SIZE - 1.3) & (src_y > 0.3) & (src_y < SIZE - 1.3)
-    basis = np.stack([np.broadcast_to(x, (n, SIZE, SIZE)), np.broadcast_to(y, (n, SIZE, SIZE)), np.ones((n, SIZE, SIZE))],
-                     -1) * use[..., None]
+    shape = (n, SIZE, SIZE)
+    basis = np.stack([np.broadcast_to(x, shape), np.broadcast_to(y, shape), np.ones(shape)], -1) * use[..., None]
     gram = np.einsum("nhwi,nhwj->nij", basis, basis)
     a, b, c = np.linalg.solve(gram, np.einsum("nhwi,nhw->ni", basis, src_x)[..., None])[..., 0].T
     d, e, f = np.linalg.solve(gram, np.einsum("nhwi,nhw->ni", basis, src_y)[..., None])[..., 0].T
@@ -223,7 +222,7 @@ def test_hole_sizes_are_uniform(variant):
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
 def test_hole_coverage_map_matches(variant):
-    """Per pixel, how often it is cut out: each loader against the exact expectation, and DALI against albumentations."""
+    """Per pixel, how often it is cut out: each loader against the exact expectation, DALI against albumentations."""
     expected = expected_hole_coverage(SPEC)
     observed = measured(variant)["hole"].mean(0)
     z = (observed - expected) / np.sqrt(expected * (1 - expected) / SAMPLES)
