@@ -1,0 +1,151 @@
+"""Throughput measurements: a loader alone, the model step alone, and a full training epoch with each loader.
+
+Every timed region starts after a warm-up and is closed by torch.cuda.synchronize() on CUDA, and is repeated; the
+median and the spread (min, max) are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import model as models
+from pipeline import make_loader
+from train.config import TrainConfig
+from train.loop import autocast, sync, train_one_epoch
+from train.run import lr_factor, make_optimizer
+
+
+@dataclass
+class Result:
+    what: str  # "loader" | "model" | "epoch"
+    loader: str | None  # "cpu" | "dali-gpu" | "dali-cpu" | None for the model alone
+    batch_size: int
+    workers: int | None
+    images: int  # images per timed repeat
+    seconds: list[float] = field(default_factory=list)
+
+    def row(self) -> dict:
+        median = statistics.median(self.seconds)
+        img_per_s = [self.images / s for s in self.seconds]
+        return {"what": self.what, "loader": self.loader, "batch_size": self.batch_size, "workers": self.workers,
+                "images": self.images, "img_per_s": self.images / median,
+                "img_per_s_min": min(img_per_s), "img_per_s_max": max(img_per_s),
+                "epoch_s": median if self.what == "epoch" else None,
+                "seconds": self.seconds, "repeats": len(self.seconds)}
+
+
+def timed(device: torch.device, fn: Callable[[], None]) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def loader_for(name: str, images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int | None,
+               device: torch.device, train: bool = True):
+    """name: cpu (albumentations), dali-gpu (batched graph on CUDA), dali-cpu (DALI's CPU operators)."""
+    if name == "cpu":
+        return make_loader("cpu", images, labels, batch_size, device=device, workers=workers, train=train)
+    if name == "dali-gpu":
+        return make_loader("dali", images, labels, batch_size, device=device, workers=workers, train=train)
+    return make_loader("dali", images, labels, batch_size, device="cpu", workers=workers, train=train)
+
+
+def _consume(batches: Iterator, limit: int) -> int:
+    seen = 0
+    for i, (x, _) in enumerate(batches):
+        seen += len(x)
+        if i + 1 >= limit:
+            break
+    return seen
+
+
+def bench_loader(name: str, images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int | None,
+                 device: torch.device, repeats: int, max_batches: int) -> Result:
+    """Images per second out of the loader, on the device the model would use (nothing else running)."""
+    loader = loader_for(name, images, labels, batch_size, workers, device)
+    batches = min(len(loader), max_batches)
+    _consume(iter(loader), min(3, batches))  # warm-up: workers started, DALI buffers allocated
+    result = Result("loader", name, batch_size, workers, batches * batch_size)
+    for _ in range(repeats):
+        result.seconds.append(timed(device, lambda: _consume(iter(loader), batches)))
+    return result
+
+
+def _model_and_optimizer(model_name: str, device: torch.device, compile_model: bool):
+    net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(TrainConfig(), net)
+    return (torch.compile(net) if compile_model else net), net, optimizer
+
+
+def bench_model(model_name: str, batch_size: int, device: torch.device, repeats: int, steps: int,
+                compile_model: bool = False) -> Result:
+    """Training steps per second on one batch already on the device: the ceiling any loader can reach."""
+    net, _, optimizer = _model_and_optimizer(model_name, device, compile_model)
+    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            with autocast(device, True):
+                loss = torch.nn.functional.cross_entropy(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    run(5)
+    result = Result("model", None, batch_size, None, steps * batch_size)
+    for _ in range(repeats):
+        result.seconds.append(timed(device, lambda: run(steps)))
+    return result
+
+
+def bench_epoch(name: str | None, model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                workers: int | None, device: torch.device, repeats: int, compile_model: bool = False) -> Result:
+    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`; name None feeds the model
+    the same number of batches from one tensor already on the device (the model-only epoch)."""
+    net, raw, optimizer = _model_and_optimizer(model_name, device, compile_model)
+    if name is None:
+        steps = -(-len(images) // batch_size)
+        x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch_size,), device=device)
+        feed = _Repeat(x, y, steps)
+    else:
+        feed = loader_for(name, images, labels, batch_size, workers, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor("onecycle", s, 10**6, 0.2))
+    args = dict(device=device, epoch=0, amp=True, label_smoothing=0.0)
+    train_one_epoch(net, _Take(feed, 5), optimizer, scheduler, **args)  # warm-up
+    result = Result("epoch", name or "model-only", batch_size, workers, len(images))
+    for _ in range(repeats):
+        result.seconds.append(train_one_epoch(net, feed, optimizer, scheduler, **args)["seconds"])
+    return result
+
+
+class _Repeat:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int):
+        self.x, self.y, self.steps = x, y, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator:
+        for _ in range(self.steps):
+            yield self.x, self.y
+
+
+class _Take:
+    def __init__(self, loader, n: int):  # noqa: ANN001
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator:
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                break
+            yield batch
