@@ -82,3 +82,16 @@ def test_data_dir_from_environment(tiny_cifar, tmp_path):
                        "--no-progress", "--loader", "cpu", "--limit-train", "64", "--device", "cpu",
                        env={"CIFAR10_ROOT": tiny_cifar})
     assert result.returncode == 0, result.stderr
+
+
+def test_recipes_set_defaults_and_flags_override_them():
+    from train.config import RECIPES, parse_config
+
+    cfg = parse_config(["--recipe", "fast"])
+    for key, value in RECIPES["fast"].items():
+        assert getattr(cfg, key) == value
+    assert cfg.recipe == "fast"
+    cfg = parse_config(["--recipe", "fast", "--epochs", "3", "--no-amp"])
+    assert cfg.epochs == 3 and cfg.amp is False and cfg.batch_size == RECIPES["fast"]["batch_size"]
+    seed = parse_config(["--recipe", "seed"])
+    assert (seed.model, seed.batch_size, seed.epochs) == ("seed", 128, 60)

@@ -10,7 +10,7 @@ import model
 from model.analysis import feature_receptive_field, output_coverage, uses
 
 # Every registered net with its exact trainable parameter count (a change to a net must change this table).
-PARAMS = {"seed": 190_880}
+PARAMS = {"seed": 190_880, "dwres": 187_882}
 
 
 def test_every_registered_net_has_a_pinned_count():
@@ -51,6 +51,10 @@ def test_seed_receptive_field_is_computed_not_assumed():
     # 3x3, 3x3 -> 5; 3x3/2 -> 7; 3x3 at stride 2 -> 11; 3x3 dilation 2 -> 19; 3x3 -> 23; depthwise 3x3 -> 27;
     # then the 9x9 average pool at stride 2 makes the logits see 27 + 8 * 2 = 43 >= 32 pixels.
     assert feature_receptive_field(model.build("seed")) == 27
+
+
+def test_dwres_sees_the_whole_image_before_pooling():
+    assert feature_receptive_field(model.build("dwres")) == 77
 
 
 def test_unknown_model_is_refused():

@@ -56,6 +56,17 @@ RECIPES: dict[str, dict[str, object]] = {
     # The seed's settings: its net, batch size 128, 60 epochs, its augmentations (AugSpec defaults).
     "seed": {"model": "seed", "batch_size": 128, "epochs": 60, "lr": 0.05, "optimizer": "sgd",
              "schedule": "onecycle"},
+    # Time to 85%: see README "Time to 85%" for how each value was chosen on a validation split.
+    "fast": {
+        "model": "dwres",  # model/fast.py: residual depthwise-separable net, 187,882 parameters
+        "batch_size": 512,  # big enough to fill the GPU with a 190k-parameter net, small enough for 20 epochs
+        "epochs": 20,
+        "lr": 0.4,  # SGD + Nesterov; zero-init residual BatchNorm makes this peak safe from step one
+        "warmup_frac": 0.15,  # then linear decay to zero (onecycle)
+        "weight_decay": 5e-4,  # on conv/linear weights only
+        "label_smoothing": 0.1,  # softer targets: better calibrated, a little more accurate in short schedules
+        "tta": "flip",  # the net never learns left from right; averaging an image with its mirror is free accuracy
+    },
 }
 
 OPTIMIZERS = ("sgd", "adamw")

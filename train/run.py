@@ -254,7 +254,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         evaluated = evaluate(eval_net, eval_loader, device=device, amp=cfg.amp, tta=cfg.tta)
         train_seconds += stats["seconds"]
         row = {"epoch": epoch + 1, **stats, f"{eval_name}_loss": evaluated["loss"],
-               f"{eval_name}_acc": evaluated["acc"], "lr": scheduler.get_last_lr()[0]}
+               f"{eval_name}_acc": evaluated["acc"], f"{eval_name}_images": evaluated["count"],
+               "lr": scheduler.get_last_lr()[0]}
+        if dist.enabled:
+            row["ranks_in_sync"] = ranks_in_sync(net)
         history.append(row)
         log(dist, f"epoch {epoch + 1}/{cfg.epochs}: "
                   f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%} | "
@@ -292,6 +295,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         except Exception as err:  # plots are a convenience; the run's numbers are already saved
             log(dist, f"(plots skipped: {type(err).__name__}: {err})")
     return metrics
+
+
+def ranks_in_sync(net: nn.Module) -> bool:
+    """Whether every rank holds the same weights (DDP keeps them so; this checks it, cheaply, once an epoch)."""
+    fingerprint = torch.stack([p.detach().double().sum() for p in net.parameters()])
+    low, high = fingerprint.clone(), fingerprint.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
 
 
 def _joined(loader, net: nn.Module, dist: Dist):  # noqa: ANN001, ANN202
