@@ -160,7 +160,7 @@ class DaliLoader:
         # batch, and the batch is gathered by index on the device.
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
-        if not on_gpu:
+        if not on_gpu and rank == 0:
             _say_cpu_mode_once()
         options = dict(num_threads=workers or min(4, os.cpu_count() or 1), prefetch_queue_depth=1, seed=seed,
                        device_id=(self.device.index or 0) if on_gpu else None)

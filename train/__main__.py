@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+import torch.distributed
 
 from pipeline.dali_loader import DaliUnavailable
 from pipeline.data import DataError
@@ -22,6 +25,12 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except torch.distributed.DistError as err:
+        rank = os.environ.get("RANK", "?")
+        print(f"error: rank {rank} lost contact with the other ranks ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:200]}). Another rank died or the network failed; torchrun's report says "
+              "which. Continue with --resume auto.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is in <out>/last.pt; continue with --resume auto",
