@@ -134,3 +134,17 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp: b
     sums.all_reduce()
     loss, acc, count = sums.means()
     return {"loss": loss, "acc": acc, "count": count}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, *, device: torch.device, amp: bool, tta: str) -> torch.Tensor:
+    """Class probabilities for every image of an unshuffled loader, in order (same TTA as evaluate)."""
+    model.eval()
+    out = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.softmax(1).cpu())
+    return torch.cat(out)

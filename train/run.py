@@ -20,7 +20,7 @@ from pipeline import make_loader
 from pipeline.data import download, load_cifar10, resolve_root
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig
-from train.loop import autocast, evaluate, sync, train_one_epoch
+from train.loop import autocast, evaluate, predict, sync, train_one_epoch
 
 # Images held out by --val-split are always the same ones (this seed), whatever --seed says, so that runs with
 # different seeds are compared on one validation set.
@@ -288,12 +288,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         last = history[-1]
         log(dist, f"done: final {eval_name} accuracy {last[f'{eval_name}_acc']:.2%} (best {best:.2%}), "
                   f"training {train_seconds:.1f}s over {len(history)} epochs -> {out}/metrics.json")
-        try:
-            from train.report import write_run_plots
+        from train.report import save_predictions, write_run_plots
 
-            write_run_plots(out)
-        except Exception as err:  # plots are a convenience; the run's numbers are already saved
-            log(dist, f"(plots skipped: {type(err).__name__}: {err})")
+        ordered = eval_loader if not dist.enabled else make_loader(
+            cfg.loader, eval_x, eval_y, min(EVAL_BATCH_SIZE, len(eval_x)), spec=spec, train=False, shuffle=False,
+            device=device, workers=cfg.workers, seed=cfg.seed)
+        probabilities = predict(eval_net, ordered, device=device, amp=cfg.amp, tta=cfg.tta).numpy()
+        save_predictions(out / "predictions.npz", eval_x, eval_y, probabilities)
+        written = write_run_plots(out)
+        log(dist, f"plots: {', '.join(p.name for p in written)}")
     return metrics
 
 

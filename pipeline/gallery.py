@@ -1,0 +1,89 @@
+"""`python -m pipeline.gallery`: the same training images raw, through albumentations and through DALI.
+
+Writes augmentations.png: one row per image; the raw image, then several draws of the albumentations loader, then
+several draws of the DALI loader (GPU graph on CUDA, DALI's CPU operators otherwise). Both loaders are built from the
+same AugSpec, so the two halves of a row should look like the same kind of thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import AugSpec, DataError, load_cifar10, make_loader, resolve_root  # noqa: E402
+from pipeline.data import CLASSES  # noqa: E402
+
+CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
+
+
+def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int, device: str) -> np.ndarray:
+    """[n_draws, N, H, W, 3] uint8: each image augmented n_draws times by loader `kind`, back in pixel units."""
+    repeated = np.concatenate([images] * n_draws)
+    loader = make_loader(kind, repeated, np.zeros(len(repeated), np.int64), len(repeated), spec=spec, seed=seed,
+                         shuffle=False, device=device if kind == "dali" else "cpu", workers=0 if kind == "cpu" else 2)
+    (x, _), = list(loader)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    pixels = ((x.cpu() * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return pixels.reshape(n_draws, len(images), *images.shape[1:])
+
+
+def render(images: np.ndarray, labels: np.ndarray, albu: np.ndarray, dali: np.ndarray, path: Path,
+           dali_label: str) -> None:
+    n, n_draws = len(images), len(albu)
+    cols = 1 + 2 * n_draws
+    fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + 0.4) * CELL_INCHES), squeeze=False)
+    for row in range(n):
+        cells = [images[row], *albu[:, row], *dali[:, row]]
+        for col, cell in enumerate(cells):
+            ax = axes[row, col]
+            ax.imshow(cell, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                title = "raw" if col == 0 else ("albumentations" if col <= n_draws else dali_label)
+                ax.set_title(title, fontsize=7)
+        axes[row, 0].set_ylabel(CLASSES[labels[row]], fontsize=7)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + 0.4), bottom=0.01, wspace=0.05, hspace=0.05)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.gallery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)")
+    p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
+    p.add_argument("--out", type=Path, default=Path("augmentations.png"), help="PNG to write")
+    p.add_argument("--images", type=int, default=8, help="how many training images (rows)")
+    p.add_argument("--draws", type=int, default=3, help="augmented draws per loader")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE", help="override an AugSpec field")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where DALI runs")
+    args = p.parse_args(argv)
+    try:
+        spec = AugSpec.from_overrides(args.aug)
+        train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
+    except (DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    images, labels = train_x[: args.images], train_y[: args.images]
+    albu = draws("cpu", images, spec, args.draws, args.seed, device)
+    dali = draws("dali", images, spec, args.draws, args.seed, device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    render(images, labels, albu, dali, args.out, "DALI GPU" if device == "cuda" else "DALI (CPU mode)")
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

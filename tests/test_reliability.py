@@ -1,0 +1,180 @@
+"""Trust: resume after SIGKILL, atomic outputs, clear refusals, determinism, and the pictures a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from test_cli import ROOT, run_train, small_run_args
+
+STABLE = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images", "lr")
+
+
+def epochs_of(out: Path) -> list[dict]:
+    return [{k: e[k] for k in STABLE} for e in json.loads((out / "metrics.json").read_text())["epochs"]]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, tmp_path):
+    args = ["--loader", "dali", "--epochs", "4", "--batch-size", "16"]
+    reference = tmp_path / "reference"
+    assert run_train(*small_run_args(tiny_cifar, reference, *args)).returncode == 0
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "train", *small_run_args(tiny_cifar, out, *args)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while not (out / "metrics.json").exists() or len(epochs_of(out)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # in epoch 3, with epochs 1-2 saved
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before_kill = len(epochs_of(out))
+    assert done_before_kill < 4
+
+    resumed = run_train(*small_run_args(tiny_cifar, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out / 'last.pt'} after epoch {done_before_kill}" in resumed.stdout
+    assert epochs_of(out) == epochs_of(reference)  # identical, to the last digit
+    assert not list(out.glob(".*.tmp*"))  # no half-written files left behind
+
+
+def test_corrupt_checkpoint_is_a_clear_error_not_a_fresh_start(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")).returncode == 0
+    checkpoint = out / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    result = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--resume", "auto"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "last.pt: truncated or corrupt checkpoint" in line
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")).returncode == 0
+    other = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--lr", "0.1",
+                                      "--resume", "auto"))
+    assert other.returncode == 2 and "was written with other settings (lr: 0.05 -> 0.1)" in other.stderr
+    finished = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--resume", "auto"))
+    assert finished.returncode == 2 and "already finished all 1 epochs" in finished.stderr
+    missing = run_train(*small_run_args(tiny_cifar, tmp_path / "empty", "--loader", "cpu", "--resume", "auto"))
+    assert missing.returncode == 2 and "no checkpoint there to resume from" in missing.stderr
+
+
+def test_out_holding_another_run_is_refused_unless_asked(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")).returncode == 0
+    before = (out / "metrics.json").read_text()
+    refused = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1"))
+    assert refused.returncode == 2 and "already holds another run" in refused.stderr
+    assert (out / "metrics.json").read_text() == before
+    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1",
+                                     "--overwrite")).returncode == 0
+
+
+def test_non_finite_loss_stops_with_epoch_and_batch(tiny_cifar, tmp_path):
+    result = run_train(*small_run_args(tiny_cifar, tmp_path / "nan", "--loader", "cpu", "--lr", "1e30",
+                                       "--no-nesterov", "--warmup-frac", "0"))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "loss became non-finite" in line and "epoch 1, batch" in line and "Lower --lr" in line
+
+
+@pytest.mark.parametrize("loader", ["cpu", "dali"])
+def test_same_seed_same_metrics(tiny_cifar, tmp_path, loader):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert run_train(*small_run_args(tiny_cifar, out, "--loader", loader, "--seed", "7")).returncode == 0
+    assert epochs_of(runs[0]) == epochs_of(runs[1])
+
+
+def _broken_copy(tiny_cifar: str, tmp_path: Path, breaking) -> str:  # noqa: ANN001
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    shutil.copytree(Path(tiny_cifar) / "cifar-10-batches-py", folder)
+    breaking(folder)
+    return str(tmp_path / "data")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:777])
+
+
+@pytest.mark.parametrize(
+    "breaking, message",
+    [
+        (lambda f: (f / "test_batch").unlink(), "test_batch: file missing"),
+        (lambda f: _truncate(f / "data_batch_5"), "data_batch_5: truncated or corrupt pickle"),
+        (lambda f: (f / "data_batch_1").write_bytes(b"\x80\x04garbage"), "data_batch_1: truncated or corrupt"),
+    ],
+)
+def test_bad_data_through_the_cli(tiny_cifar, tmp_path, breaking, message):
+    data = _broken_copy(tiny_cifar, tmp_path, breaking)
+    result = run_train("--data-dir", data, "--allow-small-data", "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line and "Traceback" not in result.stderr
+
+
+def test_small_data_without_the_flag_through_the_cli(tiny_cifar, tmp_path):
+    result = run_train("--data-dir", tiny_cifar, "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert result.returncode == 2 and "has 300 images, CIFAR-10 has 50,000" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu(tiny_cifar, tmp_path):
+    result = run_train(*small_run_args(tiny_cifar, tmp_path / "o"), "--device", "cuda")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "--device cuda: no CUDA GPU is visible" in line
+
+
+def test_loader_dali_without_dali_installed(tiny_cifar, tmp_path):
+    hide_dali = ("import sys; sys.modules['nvidia.dali'] = None; from train.__main__ import cli; "
+                 f"sys.exit(cli({small_run_args(tiny_cifar, tmp_path / 'o', '--loader', 'dali')!r}))")
+    result = subprocess.run([sys.executable, "-c", hide_dali], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "NVIDIA DALI is not installed" in line and "pip install nvidia-dali-cuda130" in line
+    assert "--loader cpu" in line
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    assert path.stat().st_size > 5_000
+    height, width = matplotlib.image.imread(path).shape[:2]
+    return width, height
+
+
+def test_a_run_leaves_curves_confusion_and_mistakes(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu")).returncode == 0
+    assert _png_size(out / "curves.png") == (1200, 450)
+    assert _png_size(out / "confusion.png") == (700, 600)
+    assert _png_size(out / "misclassified.png") == (1000, 1100)
+    # and the report tool overlays several runs
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    report = subprocess.run([sys.executable, "-m", "train.report", str(out), str(other), "--out",
+                             str(tmp_path / "both")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert _png_size(tmp_path / "both" / "curves.png") == (1200, 450)
+
+
+def test_gallery_shows_both_loaders(tiny_cifar, tmp_path):
+    out = tmp_path / "augmentations.png"
+    result = subprocess.run([sys.executable, "-m", "pipeline.gallery", "--data-dir", tiny_cifar,
+                             "--allow-small-data", "--out", str(out), "--draws", "3", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert _png_size(out) == (700, 840)  # 8 rows x (raw + 3 albumentations + 3 DALI), 100 px a cell
