@@ -30,6 +30,10 @@ from pipeline.spec import AugSpec
 # (DALI's own prefetch_queue_depth stays 1: its first schedule_run() would otherwise run that many iterations at once,
 # and with fed inputs it is simpler to schedule exactly one iteration per fed batch; the dynamic executor queues them.)
 LOOKAHEAD = 2
+# Images stacked into one tall DALI sample. Row coordinates in the tall image are float32: at 256 images (8,192
+# rows) their resolution is 1/1024 px; a whole 2,048-image batch in one sample (65,536 rows) would leave 1/128 px
+# and visibly shift the bilinear weights. A batch is split into samples of this many images.
+IMAGES_PER_SAMPLE = 256
 
 _warned_cpu_mode = False
 
@@ -55,20 +59,20 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
-    def grid(height: int, width: int) -> tuple:
-        """Output pixel coordinates as broadcastable constants: gy is (H, 1), gx is (1, W)."""
-        gy = types.Constant(np.arange(height, dtype=np.float32).reshape(height, 1))
-        gx = types.Constant(np.arange(width, dtype=np.float32).reshape(1, width))
+    def grid(height: int, width: int, device: str) -> tuple:
+        """Output pixel coordinates as broadcastable constants: gy is (H, 1), gx is (1, W). They are made on the
+        graph's device: a CPU constant in a GPU expression would be copied to the GPU every iteration."""
+        gy = types.Constant(np.arange(height, dtype=np.float32).reshape(height, 1), device=device)
+        gx = types.Constant(np.arange(width, dtype=np.float32).reshape(1, width), device=device)
         return gy, gx
 
-    def normalize(pixels, spec: AugSpec):
+    def normalize(pixels, spec: AugSpec, device: str):
         """(x / 255 - mean) / std per channel, as one multiply-add; float32 out."""
-        scale = [1 / (255 * s) for s in spec.std]
-        shift = [m / s for m, s in zip(spec.mean, spec.std, strict=True)]
-        return pixels * types.Constant(np.float32(scale).reshape(1, 1, 3)) - types.Constant(
-            np.float32(shift).reshape(1, 1, 3))
+        scale = np.float32([1 / (255 * s) for s in spec.std]).reshape(1, 1, 3)
+        shift = np.float32([m / s for m, s in zip(spec.mean, spec.std, strict=True)]).reshape(1, 1, 3)
+        return pixels * types.Constant(scale, device=device) - types.Constant(shift, device=device)
 
-    def cutout_then_normalize(pixels, holes, gy, gx, spec: AugSpec, width: int):
+    def cutout_then_normalize(pixels, holes, gy, gx, spec: AugSpec, width: int, device: str):
         """Write the cutout fill into the hole, then normalize.
 
         `holes` holds [y0, x0, y1, x1) boxes shaped so each broadcasts against the (H, W) grid: (1, 1) per image in
@@ -77,7 +81,7 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
         inside = (gy >= holes[0]) & (gy < holes[2]) & (gx >= holes[1]) & (gx < holes[3])
         inside = fn.reshape(inside, shape=[-1, width, 1])  # rows of all images, then a channel axis to broadcast
         # bool and uint8 promote to int32 here: exact, and no uint8 wrap-around
-        return normalize(pixels * (1 - inside) + inside * spec.cutout_fill_uint8, spec)
+        return normalize(pixels * (1 - inside) + inside * spec.cutout_fill_uint8, spec, device)
 
     def dali_remap(images, src_x, src_y):
         return fn.experimental.remap(
@@ -89,22 +93,22 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
     @pipeline_def
     def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu",
                          remap=dali_remap):
-        """GPU graph. Inputs per iteration, each one DALI sample:
+        """GPU graph. Inputs per iteration, per DALI sample of N <= IMAGES_PER_SAMPLE images:
         images (N*H, W, 3) uint8; warp (7, N, 1, 1): sampling matrix rows a..f and each image's first row in the
         tall image; holes (4, N, 1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with
         OpenCV standing in for the GPU-only remap.)"""
         images = fn.external_source(name="images", device=device, layout="HWC")
         if not augment:
-            return normalize(images, spec)
+            return normalize(images, spec, device)
         warp = fn.external_source(name="warp", device=device)
         holes = fn.external_source(name="holes", device=device)
-        gy, gx = grid(height, width)
+        gy, gx = grid(height, width, device)
         # Source position of every output pixel (pixel centres), clamped to its own image: the replicate border.
         src_x = dmath.clamp(warp[0] * gx + warp[1] * gy + warp[2], 0.0, width - 1.0)
         src_y = dmath.clamp(warp[3] * gx + warp[4] * gy + warp[5], 0.0, height - 1.0) + warp[6]
         warped = remap(images, fn.reshape(src_x, shape=[-1, width], layout="HW"),
                        fn.reshape(src_y, shape=[-1, width], layout="HW"))
-        return cutout_then_normalize(warped, holes, gy, gx, spec, width)
+        return cutout_then_normalize(warped, holes, gy, gx, spec, width, device)
 
     @pipeline_def
     def per_image_pipeline(spec: AugSpec, height: int, width: int, augment: bool):
@@ -112,13 +116,13 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
         images (H, W, 3) uint8; warp (2, 3) in DALI's pixel-corner convention; holes (4, 1, 1)."""
         images = fn.external_source(name="images", layout="HWC")
         if not augment:
-            return normalize(images, spec)
+            return normalize(images, spec, "cpu")
         warp = fn.external_source(name="warp")
         holes = fn.external_source(name="holes")
         # No fill_value: DALI clamps at the border, which is the replicate border.
         warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.INTERP_LINEAR)
-        gy, gx = grid(height, width)
-        return cutout_then_normalize(warped, holes, gy, gx, spec, width)
+        gy, gx = grid(height, width, "cpu")
+        return cutout_then_normalize(warped, holes, gy, gx, spec, width, "cpu")
 
     return batched_pipeline, per_image_pipeline
 
@@ -167,7 +171,7 @@ class DaliLoader:
         if self.graph == "batched":
             extra = {"remap": remap} if remap is not None else {}
             self.pipe = batched_pipeline(spec, self.height, self.width, train, "gpu" if on_gpu else "cpu", **extra,
-                                         batch_size=1, **options)
+                                         batch_size=-(-batch_size // IMAGES_PER_SAMPLE), **options)
         elif self.graph == "per_image":
             if on_gpu:
                 raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
@@ -223,19 +227,31 @@ class DaliLoader:
     def _feed(self, images: torch.Tensor, index: torch.Tensor, params: AugParams) -> None:
         n, h, w = len(index), self.height, self.width
         if self.graph == "batched":
-            self._feed_input("images", images[index].view(1, n * h, w, 3), layout="HWC")
+            chunks = [slice(i, min(i + IMAGES_PER_SAMPLE, n)) for i in range(0, n, IMAGES_PER_SAMPLE)]
+            tiles = images[index]
+            self._feed_input("images", [tiles[c].view(-1, w, 3) for c in chunks], layout="HWC")
             if self.train:
                 rows = sampling_matrices(params, h, w).view(n, 6).T
-                first_rows = torch.arange(n, device=self.device, dtype=torch.float32).mul_(h).view(1, n)
-                self._feed_input("warp", torch.cat([rows, first_rows]).view(1, 7, n, 1, 1))
-                self._feed_input("holes", hole_boxes(params).T.reshape(1, 4, n, 1, 1))
+                first_rows = (torch.arange(n, device=self.device) % IMAGES_PER_SAMPLE).float().mul_(h).view(1, n)
+                warp, holes = torch.cat([rows, first_rows]), hole_boxes(params).T
+                self._feed_input("warp", [warp[:, c].reshape(7, -1, 1, 1) for c in chunks])
+                self._feed_input("holes", [holes[:, c].reshape(4, -1, 1, 1) for c in chunks])
         else:
             self._feed_input("images", images[index], layout="HWC")
             if self.train:
                 self._feed_input("warp", _to_dali_corner_convention(sampling_matrices(params, h, w)))
                 self._feed_input("holes", hole_boxes(params).view(n, 4, 1, 1))
 
-    def _feed_input(self, name: str, tensor: torch.Tensor, layout: str | None = None) -> None:
+    def _feed_input(self, name: str, tensor: torch.Tensor | list[torch.Tensor], layout: str | None = None) -> None:
+        """A tensor is a batch (first axis = samples); a list holds one tensor per sample."""
+        if isinstance(tensor, list):
+            samples = [t.contiguous() for t in tensor]
+            if samples[0].is_cuda:
+                self.pipe.feed_input(name, samples, layout=layout,
+                                     cuda_stream=torch.cuda.current_stream(self.device))
+            else:
+                self.pipe.feed_input(name, [t.numpy() for t in samples], layout=layout)
+            return
         tensor = tensor.contiguous()
         if tensor.is_cuda:
             # DALI copies on torch's stream, so the copy is ordered after the kernels that produced the tensor.
@@ -246,15 +262,19 @@ class DaliLoader:
     def _collect(self) -> torch.Tensor:
         (out,) = self.pipe.outputs()
         if self.graph == "batched":
-            tall = out[0]
-            rows, w, c = tall.shape()
-            x = torch.empty((rows // self.height, self.height, w, c), dtype=torch.float32, device=self.device)
-            if self.device.type == "cuda":
-                from nvidia.dali.plugin.pytorch import feed_ndarray
+            tall = [out[i] for i in range(len(out))]
+            rows = [t.shape()[0] for t in tall]
+            x = torch.empty((sum(rows), self.width, 3), dtype=torch.float32, device=self.device)
+            for t, part in zip(tall, torch.split(x, rows), strict=True):
+                if self.device.type == "cuda":
+                    from nvidia.dali.plugin.pytorch import feed_ndarray
 
-                feed_ndarray(tall, x, cuda_stream=torch.cuda.current_stream(self.device))
-            else:
-                x.copy_(torch.from_numpy(np.asarray(tall)).view(x.shape))
+                    # A blocking copy on DALI's side: the output buffer may be reused as soon as we return, so the
+                    # copy must be finished by then. DALI ran ahead (LOOKAHEAD), so this waits for little.
+                    feed_ndarray(t, part)
+                else:
+                    part.copy_(torch.from_numpy(np.asarray(t)))
+            x = x.view(-1, self.height, self.width, 3)
         else:
             x = torch.from_numpy(np.array(out.as_array()))
         return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last

@@ -115,3 +115,17 @@ def test_cpu_loader_results_do_not_depend_on_worker_count(data):
     a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=0)])
     b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=2)])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["dali-batched-cpu", "dali-gpu"])
+def test_batches_larger_than_one_dali_sample(variant):
+    """The batched graph splits a batch into samples of IMAGES_PER_SAMPLE images; order and labels must survive."""
+    from pipeline.dali_loader import IMAGES_PER_SAMPLE
+
+    n = 2 * IMAGES_PER_SAMPLE + 188
+    images, labels = indexed_images(n), np.arange(n) % 10
+    loader = build_loader(variant, images, labels, IMAGES_PER_SAMPLE * 2 + 88, train=True, spec=AugSpec.none())
+    got = [(decode_index(x), y.cpu().numpy()) for x, y in loader]
+    index = np.concatenate([i for i, _ in got])
+    assert sorted(index) == list(range(n))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in got]), labels[index])
