@@ -55,7 +55,8 @@ def loader_for(name: str, images: np.ndarray, labels: np.ndarray, batch_size: in
         return make_loader("cpu", images, labels, batch_size, device=device, workers=workers, train=train)
     if name == "dali-gpu":
         return make_loader("dali", images, labels, batch_size, device=device, workers=workers, train=train)
-    return make_loader("dali", images, labels, batch_size, device="cpu", workers=workers, train=train)
+    cpu_mode = make_loader("dali", images, labels, batch_size, device="cpu", workers=workers, train=train)
+    return cpu_mode if device.type == "cpu" else _ToDevice(cpu_mode, device)
 
 
 def _consume(batches: Iterator, limit: int) -> int:
@@ -138,6 +139,20 @@ class _Repeat:
     def __iter__(self) -> Iterator:
         for _ in range(self.steps):
             yield self.x, self.y
+
+
+class _ToDevice:
+    """DALI's CPU mode feeding a GPU model: the batches cross to the GPU like the CPU loader's do."""
+
+    def __init__(self, loader, device: torch.device):  # noqa: ANN001
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class _Take:

@@ -179,6 +179,7 @@ class DaliLoader:
         else:
             raise ValueError(f"unknown DALI graph {graph!r}; choose batched or per_image")
         self.pipe.build()
+        self._in_flight: deque = deque()  # DALI outputs whose asynchronous copy to torch may still be running
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last)
@@ -190,8 +191,8 @@ class DaliLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = epoch_indices(self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
                               world_size=self.world_size)
-        batches = [torch.from_numpy(order[b * self.batch_size:(b + 1) * self.batch_size]).to(self.device)
-                   for b in range(len(self))]
+        order = torch.from_numpy(order).to(self.device)
+        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
         generator = epoch_generator(self.seed, epoch, self.rank, self.device)
         labels: deque[torch.Tensor] = deque()
         try:
@@ -265,19 +266,32 @@ class DaliLoader:
             tall = [out[i] for i in range(len(out))]
             rows = [t.shape()[0] for t in tall]
             x = torch.empty((sum(rows), self.width, 3), dtype=torch.float32, device=self.device)
-            for t, part in zip(tall, torch.split(x, rows), strict=True):
-                if self.device.type == "cuda":
-                    from nvidia.dali.plugin.pytorch import feed_ndarray
-
-                    # A blocking copy on DALI's side: the output buffer may be reused as soon as we return, so the
-                    # copy must be finished by then. DALI ran ahead (LOOKAHEAD), so this waits for little.
-                    feed_ndarray(t, part)
-                else:
+            if self.device.type == "cuda":
+                self._copy_on_torch_stream(out, tall, torch.split(x, rows))
+            else:
+                for t, part in zip(tall, torch.split(x, rows), strict=True):
                     part.copy_(torch.from_numpy(np.asarray(t)))
             x = x.view(-1, self.height, self.width, 3)
         else:
             x = torch.from_numpy(np.array(out.as_array()))
         return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
+
+
+    def _copy_on_torch_stream(self, out, samples: list, parts: tuple[torch.Tensor, ...]) -> None:  # noqa: ANN001
+        """Copy DALI's output into torch memory asynchronously, on torch's stream: the model's kernels queue behind
+        the copy and the host never waits for the GPU. DALI's buffer must outlive the copy, so it is kept (with an
+        event marking the copy's end) until LOOKAHEAD later batches have been collected."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        stream = torch.cuda.current_stream(self.device)
+        for t, part in zip(samples, parts, strict=True):
+            feed_ndarray(t, part, cuda_stream=stream)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        self._in_flight.append((out, copied))
+        while len(self._in_flight) > LOOKAHEAD:
+            _, event = self._in_flight.popleft()
+            event.synchronize()  # long done in practice: LOOKAHEAD training steps have been queued since
 
 
 def _say_cpu_mode_once() -> None:
