@@ -79,11 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images).astype(np.int64)
 
-    results = []
+    results: list[dict] = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "dali": _dali_version(), "cpu_count": os.cpu_count(), "model": args.model,
+              "images": args.images, "data": "synthetic uint8", "date": datetime.date.today().isoformat(),
+              "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "results": results}
 
     def record(result) -> None:  # noqa: ANN001
         row = result.row()
         results.append(row)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
         print(f"{row['what']:6s} {row['loader'] or 'model':11s} bs {row['batch_size']:5d} "
               f"workers {row['workers'] if row['workers'] is not None else '-':>3} "
               f"{row['img_per_s']:12,.0f} img/s  [{row['img_per_s_min']:,.0f} .. {row['img_per_s_max']:,.0f}]"
@@ -106,15 +115,6 @@ def main(argv: list[str] | None = None) -> int:
                 w = cores
                 record(bench_epoch(name, args.model, images, labels, bs, w, device, args.repeats))
 
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "dali": _dali_version(), "cpu_count": os.cpu_count(), "model": args.model,
-              "images": args.images, "data": "synthetic uint8", "date": datetime.date.today().isoformat(),
-              "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     from bench.plot import plot_report
 
     plot_report(report, out / f"{stem}.png")

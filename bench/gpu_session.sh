@@ -3,14 +3,14 @@
 #
 #   DATA=/path/with/cifar-10-batches-py OUT=gpu-out bash bench/gpu_session.sh
 #
-# Phases, in order of priority, each under its own time limit inside BUDGET seconds:
+# Phases, each under its own time limit inside BUDGET seconds. Timed phases run alone on the GPU; the others share it.
 #   0 smoke    the DALI GPU loader runs and matches albumentations (abort everything if not: no time to waste)
-#   1 tests    the parity and loader-contract tests against the real GPU graph (pytest -k dali-gpu)
-#   2 bench    python -m bench (loaders alone, model step alone, epochs; bs 128/512/2048), then dwres's step rate
-#   3 search   the fast recipe's peak lr on a 5,000-image validation split (3 runs side by side; accuracy only)
-#   4 final    the fast recipe, 3 seeds, one at a time (these are the timed runs), then torchrun 1 rank vs plain
-#   5 accuracy side by side: seed net 40 epochs bs 128 with each loader, the seed recipe (60 epochs, DALI), and the
-#              ablations of the fast recipe on the validation split (accuracy only: they share the GPU)
+#   1 bench    python -m bench (loaders alone, model step alone, epochs; bs 128/512/2048), then dwres's step rate
+#   2 search   the fast recipe's peak lr on a 5,000-image validation split (3 runs side by side; accuracy only)
+#   3 final    the fast recipe, 3 seeds, one at a time (these are the timed runs), then torchrun 1 rank vs plain
+#   4 accuracy side by side: seed net 40 epochs bs 128 with each loader, the seed recipe (60 epochs, DALI), the
+#              ablations of the fast recipe on the validation split, and the parity + loader tests against the
+#              real GPU graph (pytest -k dali-gpu). Accuracy only: they share the GPU.
 # QUICK=1 shrinks everything to a CPU-sized smoke run (what CI-less machines use to try this script).
 set -u
 OUT=${OUT:-gpu-out}
@@ -30,6 +30,8 @@ phase() {  # phase NAME SECONDS command...: run with a limit that never exceeds 
   say "start $name (limit ${limit}s)"
   timeout --kill-after=5 "$limit" "$@" > "$OUT/logs/$name.txt" 2>&1
   local rc=$?
+  # side-by-side phases start background runs; a phase cut off by its limit must not leave them running
+  pkill -TERM -f -- "-m train" 2>/dev/null; pkill -TERM -f -- "-m pytest -q -p no:cacheprovider" 2>/dev/null
   say "end $name rc=$rc"
   return $rc
 }
@@ -68,12 +70,8 @@ print("max interior diff (uint8 levels):", diff.max(), "mean:", diff.mean())
 assert diff.max() <= 2.5, "DALI GPU disagrees with albumentations"
 PY
 
-# 1: tests on the GPU ---------------------------------------------------------------------------------------------
-[ "$QUICK" = 1 ] || phase tests 150 "$PY" -m pytest -q -p no:cacheprovider -k "dali-gpu or dali_gpu" \
-  tests/test_parity.py tests/test_loaders.py
-
-# 2: bench --------------------------------------------------------------------------------------------------------
-phase bench 200 "$PY" -m bench "${BENCH[@]}" --out "$OUT/bench"
+# 1: bench --------------------------------------------------------------------------------------------------------
+phase bench 170 "$PY" -m bench "${BENCH[@]}" --out "$OUT/bench"
 phase bench-dwres 40 "$PY" -m bench --what model --model dwres --batch-sizes 512 --repeats 3 --out "$OUT/bench-dwres" \
   "${BENCH[@]}" --batch-sizes 512
 # Epochs of the fast recipe: as many as fit in 13.5 s at dwres's measured step rate (8% left for the loader),
@@ -90,7 +88,7 @@ PY
 )
 say "fast recipe epochs: $FAST_EPOCHS"
 
-# 3: lr search on the validation split ----------------------------------------------------------------------------
+# 2: lr search on the validation split ----------------------------------------------------------------------------
 export FAST_EPOCHS
 search() {
   for lr in $SEARCH_LRS; do
@@ -100,7 +98,7 @@ search() {
   wait
 }
 export -f search
-phase search 150 bash -c search
+phase search 100 bash -c search
 BEST_LR=$("$PY" - "$OUT/runs" <<'PY'
 import glob, json, sys
 runs = [(json.load(open(p))["epochs"][-1]["val_acc"], p) for p in glob.glob(sys.argv[1] + "/search-lr*/metrics.json")]
@@ -110,18 +108,18 @@ PY
 )
 say "best lr on the validation split: $BEST_LR"
 
-# 4: the fast recipe, timed, 3 seeds; then torchrun 1 rank vs the same run without it ------------------------------
+# 3: the fast recipe, timed, 3 seeds; then torchrun 1 rank vs the same run without it ------------------------------
 for seed in 0 1 2; do
-  phase "fast-seed$seed" 60 "$PY" -m train --recipe fast --epochs "$FAST_EPOCHS" --lr "$BEST_LR" --seed "$seed" \
+  phase "fast-seed$seed" 50 "$PY" -m train --recipe fast --epochs "$FAST_EPOCHS" --lr "$BEST_LR" --seed "$seed" \
     $COMMON --out "$OUT/runs/fast-seed$seed"
 done
 TORCHRUN_EPOCHS=$([ "$QUICK" = 1 ] && echo 1 || echo 5)
-phase plain-5ep 45 "$PY" -m train --recipe fast --epochs "$TORCHRUN_EPOCHS" --lr "$BEST_LR" $COMMON \
+phase plain-5ep 35 "$PY" -m train --recipe fast --epochs "$TORCHRUN_EPOCHS" --lr "$BEST_LR" $COMMON \
   --out "$OUT/runs/plain-5ep"
-[ "$QUICK" = 1 ] || phase torchrun-5ep 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m train \
+[ "$QUICK" = 1 ] || phase torchrun-5ep 45 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m train \
   --recipe fast --epochs "$TORCHRUN_EPOCHS" --lr "$BEST_LR" $COMMON --out "$OUT/runs/torchrun-5ep"
 
-# 5: accuracy runs side by side -----------------------------------------------------------------------------------
+# 4: accuracy runs (and the GPU tests) side by side ---------------------------------------------------------------
 export BEST_LR
 accuracy() {
   run() { local name=$1; shift; $PY -m train "$@" $COMMON --out "$OUT/runs/$name" > "$OUT/logs/$name.txt" 2>&1 & }
@@ -129,15 +127,19 @@ accuracy() {
   run seed40-cpu --recipe seed --loader cpu --epochs "$EPOCHS_SEED40" --workers 8
   run seed-recipe --recipe seed --loader dali --epochs "$EPOCHS_SEED60"
   local base=(--recipe fast --epochs "$FAST_EPOCHS" --lr "$BEST_LR" --val-split "$VAL")
-  run ablate-full "${base[@]}"
   run ablate-no-tta "${base[@]}" --tta none
   run ablate-no-smoothing "${base[@]}" --label-smoothing 0
   run ablate-no-aug "${base[@]}" --aug flip_p=0 --aug ssr_p=0 --aug cutout_p=0
   run ablate-seed-net "${base[@]}" --model seed
+  if [ "$QUICK" != 1 ]; then
+    $PY -m pytest -q -p no:cacheprovider -k "dali-gpu or dali_gpu" tests/test_parity.py tests/test_loaders.py \
+      > "$OUT/logs/tests.txt" 2>&1 &
+  fi
   wait
 }
+export QUICK
 export -f accuracy
-phase accuracy 330 bash -c accuracy
+phase accuracy 400 bash -c accuracy
 
 # pack: metrics, bench reports and small plots in one archive (the device returns few files) -----------------------
 say "packing"
