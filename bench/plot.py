@@ -37,6 +37,10 @@ def plot_report(report: dict, path: Path) -> None:
                    if (r["what"] == "model") or (r["what"] == "epoch" and r["loader"] == "model-only")}
         if ceiling:
             ax.plot(x, [ceiling.get(s, np.nan) for s in sizes], "k--o", label="model step alone (ceiling)")
+        if not series:
+            ax.text(0.5, 0.5, f"{title}: not measured in this run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         ax.set_xticks(x, [str(s) for s in sizes])
         ax.set_xlabel("batch size")
         ax.set_ylabel("images / s")

@@ -191,57 +191,83 @@ class DaliLoader:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = epoch_indices(self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
                               world_size=self.world_size)
-        order = torch.from_numpy(order).to(self.device)
-        batches = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
-        generator = epoch_generator(self.seed, epoch, self.rank, self.device)
+        order = torch.from_numpy(order).to(self.device)[: len(self) * self.batch_size]
+        # Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
+        # the whole epoch: per batch the host then only slices, which keeps the loader's host time off the
+        # training loop's (on a launch-bound GPU host every kernel launch counts).
+        params = draw_params(self.spec, len(order), self.height, self.width,
+                             epoch_generator(self.seed, epoch, self.rank, self.device), self.device) \
+            if self.train else None
+        batches = self._batches(order, self.labels[order], params, self.batch_size)
         labels: deque[torch.Tensor] = deque()
         try:
-            for index in batches[:LOOKAHEAD]:
-                labels.append(self._submit(index, generator))
+            for batch in batches[:LOOKAHEAD]:
+                labels.append(self._submit(*batch))
             for b in range(len(batches)):
                 x = self._collect()
                 y = labels.popleft()
                 if b + LOOKAHEAD < len(batches):
-                    labels.append(self._submit(batches[b + LOOKAHEAD], generator))
+                    labels.append(self._submit(*batches[b + LOOKAHEAD]))
                 yield x, y
         finally:  # a consumer that stops early must not leave batches queued for the next epoch
-            for _ in labels:
-                self.pipe.outputs()
+            if self.pipe is not None and getattr(self.pipe, "_pipe", None) is not None:  # (None at interpreter exit)
+                for _ in labels:
+                    self.pipe.outputs()
 
     def run_fixed(self, images: np.ndarray, params: AugParams) -> torch.Tensor:
         """Augment `images` with explicit parameters (the parity tests' seam); returns NCHW channels_last floats."""
         saved = self.images
         self.images = torch.from_numpy(images).to(self.device)
         try:
-            self._feed(self.images, torch.arange(len(images), device=self.device), params)
+            index = torch.arange(len(images), device=self.device)
+            ((_, _, inputs),) = self._batches(index, torch.zeros_like(index), params, len(images))
+            self._feed(index, inputs)
             self.pipe.schedule_run()
             return self._collect()
         finally:
             self.images = saved
 
-    def _submit(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        params = draw_params(self.spec, len(index), self.height, self.width, generator, self.device)
-        self._feed(self.images, index, params)
-        self.pipe.schedule_run()
-        return self.labels[index]
+    def _batches(self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None,
+                 batch_size: int) -> list[tuple]:
+        """(image indices, labels, DALI inputs) per batch; the inputs are views into tensors made once."""
+        h, w, n = self.height, self.width, len(order)
+        spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+        if not self.train:
+            return [(order[a:b], labels[a:b], None) for a, b in spans]
+        if self.graph == "per_image":
+            warp = _to_dali_corner_convention(sampling_matrices(params, h, w))
+            holes = hole_boxes(params).view(n, 4, 1, 1)
+            return [(order[a:b], labels[a:b], (warp[a:b], holes[a:b])) for a, b in spans]
+        # batched graph: per DALI sample, warp (7, N, 1, 1) = matrix rows a..f and each image's first row in the
+        # tall image; holes (4, N, 1, 1). Made contiguous per sample once, here.
+        position = torch.arange(n, device=self.device) % batch_size % IMAGES_PER_SAMPLE
+        warp = torch.cat([sampling_matrices(params, h, w).view(n, 6), (position * h).float()[:, None]], 1)
+        holes = hole_boxes(params)
+        batches = []
+        for a, b in spans:
+            chunks = [(c, min(c + IMAGES_PER_SAMPLE, b)) for c in range(a, b, IMAGES_PER_SAMPLE)]
+            inputs = ([warp[c:d].T.reshape(7, -1, 1, 1) for c, d in chunks],
+                      [holes[c:d].T.reshape(4, -1, 1, 1) for c, d in chunks])
+            batches.append((order[a:b], labels[a:b], inputs))
+        return batches
 
-    def _feed(self, images: torch.Tensor, index: torch.Tensor, params: AugParams) -> None:
-        n, h, w = len(index), self.height, self.width
+    def _submit(self, index: torch.Tensor, labels: torch.Tensor, inputs: tuple | None) -> torch.Tensor:
+        self._feed(index, inputs)
+        self.pipe.schedule_run()
+        return labels
+
+    def _feed(self, index: torch.Tensor, inputs: tuple | None) -> None:
+        images = self.images[index]
         if self.graph == "batched":
-            chunks = [slice(i, min(i + IMAGES_PER_SAMPLE, n)) for i in range(0, n, IMAGES_PER_SAMPLE)]
-            tiles = images[index]
-            self._feed_input("images", [tiles[c].view(-1, w, 3) for c in chunks], layout="HWC")
-            if self.train:
-                rows = sampling_matrices(params, h, w).view(n, 6).T
-                first_rows = (torch.arange(n, device=self.device) % IMAGES_PER_SAMPLE).float().mul_(h).view(1, n)
-                warp, holes = torch.cat([rows, first_rows]), hole_boxes(params).T
-                self._feed_input("warp", [warp[:, c].reshape(7, -1, 1, 1) for c in chunks])
-                self._feed_input("holes", [holes[:, c].reshape(4, -1, 1, 1) for c in chunks])
+            per_sample = [images[c:c + IMAGES_PER_SAMPLE].view(-1, self.width, 3)
+                          for c in range(0, len(index), IMAGES_PER_SAMPLE)]
+            self._feed_input("images", per_sample, layout="HWC")
         else:
-            self._feed_input("images", images[index], layout="HWC")
-            if self.train:
-                self._feed_input("warp", _to_dali_corner_convention(sampling_matrices(params, h, w)))
-                self._feed_input("holes", hole_boxes(params).view(n, 4, 1, 1))
+            self._feed_input("images", images, layout="HWC")
+        if inputs is not None:
+            warp, holes = inputs
+            self._feed_input("warp", warp)
+            self._feed_input("holes", holes)
 
     def _feed_input(self, name: str, tensor: torch.Tensor | list[torch.Tensor], layout: str | None = None) -> None:
         """A tensor is a batch (first axis = samples); a list holds one tensor per sample."""
