@@ -113,6 +113,10 @@ for seed in 0 1 2; do
   phase "fast-seed$seed" 50 "$PY" -m train --recipe fast --epochs "$FAST_EPOCHS" --lr "$BEST_LR" --seed "$seed" \
     $COMMON --out "$OUT/runs/fast-seed$seed"
 done
+# the same recipe compiled with CUDA graphs (compile time reported apart, as compile_seconds): is launch overhead
+# what stands between the recipe and 15 s?
+phase fast-compiled 150 "$PY" -m train --recipe fast --epochs "$FAST_EPOCHS" --lr "$BEST_LR" --compile \
+  --compile-mode reduce-overhead $COMMON --out "$OUT/runs/fast-compiled"
 TORCHRUN_EPOCHS=$([ "$QUICK" = 1 ] && echo 1 || echo 5)
 phase plain-5ep 35 "$PY" -m train --recipe fast --epochs "$TORCHRUN_EPOCHS" --lr "$BEST_LR" $COMMON \
   --out "$OUT/runs/plain-5ep"

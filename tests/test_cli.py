@@ -38,6 +38,7 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
         assert {"train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img_per_s"} <= set(epoch)
         assert 0 <= epoch["test_acc"] <= 1 and 0 <= epoch["train_acc"] <= 1
     assert metrics["train_seconds"] > 0 and metrics["params"] == 190_880
+    assert metrics["warmup_seconds"] > 0 and metrics["compile_seconds"] == 0  # warm-up is timed apart
     for name in ("last.pt", "best.pt"):
         state = torch.load(out / name, weights_only=True)
         assert state["epoch"] in (1, 2) and "model" in state

@@ -42,6 +42,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (fewest launches)
     sync_bn: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -75,6 +76,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 DEVICES = ("auto", "cuda", "cpu")
 TTAS = ("none", "flip")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
       help="channels_last memory format for the model and its input")
     a("--compile", action="store_true", help="torch.compile the model (time reported as compile_seconds)")
+    a("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
+      help="torch.compile mode: reduce-overhead replays CUDA graphs, for launch-bound small nets")
     a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks")
     a("--tensorboard", action="store_true", help="also log to <out>/tensorboard (needs the [tensorboard] extra)")
     a("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show the tqdm progress bar")

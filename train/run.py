@@ -221,10 +221,10 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         history, start_epoch = state["history"], state["epoch"]
         log(dist, f"resuming {resume_from} after epoch {start_epoch}")
 
-    train_net: nn.Module = net
-    compile_seconds = 0.0
-    if cfg.compile:
-        train_net, compile_seconds = compile_and_warm(net, cfg, device, per_rank_batch, eval_loader)
+    train_net: nn.Module = torch.compile(net, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) \
+        if cfg.compile else net
+    warmup_seconds = warm_up(train_net, net, cfg, device, train_loader, eval_loader, start_epoch)
+    compile_seconds = warmup_seconds if cfg.compile else 0.0
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -267,6 +267,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
             continue
         metrics = {"recipe": cfg.recipe, "config": dataclasses.asdict(cfg), "env": env, "params": n_params,
                    "eval_split": eval_name, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
+                   "warmup_seconds": warmup_seconds,
                    "epochs": history}
         save_json(metrics, out / "metrics.json")
         checkpoint = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
@@ -320,30 +321,45 @@ def _joined(loader, net: nn.Module, dist: Dist):  # noqa: ANN001, ANN202
         yield from loader
 
 
-def compile_and_warm(net: nn.Module, cfg: TrainConfig, device: torch.device, batch: int, eval_loader) -> tuple:  # noqa: ANN001
-    """torch.compile, then run every shape once (train step, eval batches) so compilation is not in the timings.
-    The warm-up's effect on weights and BatchNorm statistics is undone."""
-    compiled = torch.compile(net)
+def warm_up(train_net: nn.Module, net: nn.Module, cfg: TrainConfig, device: torch.device, train_loader,  # noqa: ANN001
+            eval_loader, epoch: int) -> float:  # noqa: ANN001
+    """Run every shape the timed loop will see once, outside the timing: the first real training batch (forward
+    and backward, no optimizer step), the last partial batch, and the evaluation batches. This is where CUDA and
+    cuDNN pick kernels, lazy modules load, DALI allocates its buffers and torch.compile compiles; on the H200 it was
+    ~6 s of the first epoch. Weights, BatchNorm statistics and the random state are put back afterwards, so the run
+    computes exactly what it would have computed without it."""
     saved = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     sync(device)
     start = time.perf_counter()
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
-    compiled.train()
-    with autocast(device, cfg.amp):
-        loss = compiled(x).float().logsumexp(1).mean()
-    loss.backward()
+    train_loader.set_epoch(epoch)
+    first = next(iter(train_loader))[0]
+    shapes = [first]
+    full, tail = divmod(train_loader.num_samples, len(first))
+    if tail and len(train_loader) > full:  # the last, partial batch is another shape
+        shapes.append(first[:tail].clone(memory_format=torch.channels_last if cfg.channels_last else
+                                         torch.contiguous_format))
+    train_net.train()
+    for x in shapes:
+        with autocast(device, cfg.amp):
+            loss = train_net(x).float().logsumexp(1).mean()
+        loss.backward()
     net.zero_grad(set_to_none=True)
-    compiled.eval()
+    train_net.eval()
     with torch.no_grad():
         for xb, _ in eval_loader:
             with autocast(device, cfg.amp):
-                compiled(xb)
+                train_net(xb)
                 if cfg.tta == "flip":
-                    compiled(xb.flip(3))
+                    train_net(xb.flip(3))
+            if not cfg.compile:
+                break  # eager: one batch warms everything; compiled: every shape once
     sync(device)
     net.load_state_dict(saved)
-    return compiled, time.perf_counter() - start
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+    return time.perf_counter() - start
 
 
 def progress_bar(cfg: TrainConfig, dist: Dist, epoch: int, total: int):  # noqa: ANN201
