@@ -71,6 +71,7 @@ assert diff.max() <= 2.5, "DALI GPU disagrees with albumentations"
 PY
 
 # 1: bench --------------------------------------------------------------------------------------------------------
+phase host-ops 30 "$PY" -m bench.host_ops --batch-size 512
 phase bench 170 "$PY" -m bench "${BENCH[@]}" --out "$OUT/bench"
 phase bench-dwres 40 "$PY" -m bench --what model --model dwres --batch-sizes 512 --repeats 3 --out "$OUT/bench-dwres" \
   "${BENCH[@]}" --batch-sizes 512
