@@ -178,3 +178,14 @@ def test_gallery_shows_both_loaders(tiny_cifar, tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert _png_size(out) == (700, 840)  # 8 rows x (raw + 3 albumentations + 3 DALI), 100 px a cell
+
+
+def test_tensorboard_without_the_extra_is_one_line(tiny_cifar, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    result = run_train(*small_run_args(tiny_cifar, tmp_path / "tb", "--loader", "cpu", "--tensorboard"))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "--tensorboard needs the tensorboard package" in line and "[tensorboard]" in line

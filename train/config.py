@@ -191,6 +191,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
     ]
+    import importlib.util
+
+    checks.append((not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+                   "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
