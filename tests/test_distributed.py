@@ -63,8 +63,11 @@ def test_two_rank_run(loader, odd_cifar, tmp_path):
         assert epoch["images"] == N_TRAIN  # summed over ranks: every training image once
         assert epoch["test_images"] == N_TEST  # the test accuracy is over every test image exactly once
         assert epoch["ranks_in_sync"] is True  # DDP kept the weights identical on both ranks
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == ["best.pt", "last.pt",
-                                                                                   "metrics.json"]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["best.pt", "confusion.png", "curves.png", "last.pt", "metrics.json", "misclassified.png",
+                       "predictions.npz"]  # one set of outputs: nothing per rank
+    predictions = np.load(out / "predictions.npz")
+    assert len(predictions["labels"]) == N_TEST  # rank 0 predicted every test image once
     assert result.stdout.count("epoch 1/2:") == 1  # rank 0 alone reports
 
 
