@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
 
-from pipeline.order import epoch_indices, num_batches, sample_seeds
+from pipeline.order import epoch_indices, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
 
 # albumentations does its work on one core per worker; OpenCV's own threads would only fight the workers.
@@ -112,7 +112,7 @@ class _EpochBatches(torch.utils.data.Sampler):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return num_batches(len(range(self.rank, self.n, self.world_size)), self.batch_size, self.drop_last)
+        return num_batches(shard_size(self.n, self.rank, self.world_size), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = epoch_indices(self.n, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
@@ -148,7 +148,7 @@ class AlbumentationsLoader:
         self.workers = default_workers() if workers is None else workers
         self.sampler = _EpochBatches(len(images), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                                      rank=rank, world_size=world_size)
-        self.num_samples = len(range(rank, len(images), world_size))
+        self.num_samples = shard_size(len(images), rank, world_size)
         dataset = _AugmentedImages(images, labels, build_transform(spec, train))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "This DataLoader will create N worker processes" notes

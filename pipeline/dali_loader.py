@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.order import epoch_indices, num_batches
+from pipeline.order import epoch_indices, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
@@ -158,7 +158,7 @@ class DaliLoader:
         self.batch_size, self.drop_last, self.rank, self.world_size = batch_size, drop_last, rank, world_size
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
-        self.num_samples = len(range(rank, self.n, world_size))
+        self.num_samples = shard_size(self.n, rank, world_size)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
         # batch, and the batch is gathered by index on the device.
