@@ -12,6 +12,8 @@
 #              ablations of the fast recipe on the validation split, and the parity + loader tests against the
 #              real GPU graph (pytest -k dali-gpu). Accuracy only: they share the GPU.
 # QUICK=1 shrinks everything to a CPU-sized smoke run (what CI-less machines use to try this script).
+# Needs torch, DALI, albumentations 2.0.x and opencv. albumentations 2.0.8 needs albucore 0.0.24: a newer albucore
+# (0.3.x imports `numkong`) breaks its import; `pip install albucore==0.0.24` over it if so.
 set -u
 OUT=${OUT:-gpu-out}
 DATA=${DATA:-$HOME/data/cifar10}
