@@ -1,8 +1,8 @@
-"""Per-image augmentation parameters for the DALI loader: drawn densely, a whole batch per call, on the device.
+"""Per-image augmentation parameters for the DALI loader: drawn densely, a whole epoch per call, on the device.
 
 Why here and not inside the DALI graph: DALI's random operators feed *argument* inputs from the CPU, one sample at a
-time, which caps a 32x32 pipeline near 46k img/s (see README, "Why the DALI pipeline looks like this"). One torch
-call per batch draws every parameter for every image on the GPU; DALI then applies them. The distributions are the
+time, which caps a 32x32 pipeline near 46k img/s (see README, "The DALI pipeline"). One torch
+pass per epoch draws every parameter for every image on the GPU; DALI then applies them. The distributions are the
 ones albumentations 2.x draws from for the same AugSpec (tests/test_parity.py checks them against each other):
 
   flip, ssr, cutout   Bernoulli(flip_p), Bernoulli(ssr_p), Bernoulli(cutout_p)

@@ -119,6 +119,15 @@ def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
         )
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, amp: bool, tta: str) -> torch.Tensor:
+    """float32 logits of an evaluation batch; tta='flip' averages them with those of the mirror images."""
+    with autocast(device, amp):
+        logits = model(x).float()
+        if tta == "flip":
+            logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp: bool, tta: str) -> dict[str, float]:
     """Loss and accuracy over every image of `loader` (summed over ranks under torchrun). tta='flip' averages the
@@ -126,10 +135,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp: b
     model.eval()
     sums = Sums.zeros(device)
     for x, y in loader:
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits + model(x.flip(3)).float()) / 2
+        logits = tta_logits(model, x, device=device, amp=amp, tta=tta)
         sums.add(F.cross_entropy(logits, y), logits, y)
     sums.all_reduce()
     loss, acc, count = sums.means()
@@ -142,9 +148,5 @@ def predict(model: nn.Module, loader: Iterable, *, device: torch.device, amp: bo
     model.eval()
     out = []
     for x, _ in loader:
-        with autocast(device, amp):
-            logits = model(x).float()
-            if tta == "flip":
-                logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.softmax(1).cpu())
+        out.append(tta_logits(model, x, device=device, amp=amp, tta=tta).softmax(1).cpu())
     return torch.cat(out)

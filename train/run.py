@@ -20,7 +20,7 @@ from pipeline import make_loader
 from pipeline.data import download, load_cifar10, resolve_root
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig
-from train.loop import autocast, evaluate, predict, sync, train_one_epoch
+from train.loop import autocast, evaluate, predict, sync, train_one_epoch, tta_logits
 
 # Images held out by --val-split are always the same ones (this seed), whatever --seed says, so that runs with
 # different seeds are compared on one validation set.
@@ -348,10 +348,7 @@ def warm_up(train_net: nn.Module, net: nn.Module, cfg: TrainConfig, device: torc
     train_net.eval()
     with torch.no_grad():
         for xb, _ in eval_loader:
-            with autocast(device, cfg.amp):
-                train_net(xb)
-                if cfg.tta == "flip":
-                    train_net(xb.flip(3))
+            tta_logits(train_net, xb, device=device, amp=cfg.amp, tta=cfg.tta)
             if not cfg.compile:
                 break  # eager: one batch warms everything; compiled: every shape once
     sync(device)
