@@ -93,6 +93,7 @@ def _rank_main(rank: int, port: int, variant: str, queue) -> None:  # noqa: ANN0
         torch.distributed.all_gather_object(weights, [p.detach().numpy() for p in net.parameters()])
         if rank == 0:
             queue.put((gathered, weights))
+        torch.distributed.barrier()  # as train.run does: nobody disconnects while the other still talks
     finally:
         torch.distributed.destroy_process_group()
 

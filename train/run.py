@@ -169,7 +169,12 @@ def check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
 def main(cfg: TrainConfig) -> dict:
     dist = init_distributed(cfg)
     try:
-        return _train(cfg, dist)
+        metrics = _train(cfg, dist)
+        if dist.enabled:
+            # No rank tears its connections down while another still talks to it (gloo can abort the process
+            # otherwise). Only on success: after a failure the others may be gone, and this would wait for them.
+            torch.distributed.barrier()
+        return metrics
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
