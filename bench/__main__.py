@@ -27,19 +27,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure (a) each loader alone, (b) the model's training step alone, (c) a full training epoch "
-                    "with each loader, for several batch sizes. Loaders: cpu = albumentations + DataLoader with "
-                    "several worker counts; dali-gpu = the batched DALI graph on CUDA; dali-cpu = DALI's CPU "
-                    "operators. Timed regions follow a warm-up and are closed by torch.cuda.synchronize().",
+        "with each loader, for several batch sizes. Loaders: cpu = albumentations + DataLoader with "
+        "several worker counts; dali-gpu = the batched DALI graph on CUDA; dali-cpu = DALI's CPU "
+        "operators. Timed regions follow a warm-up and are closed by torch.cuda.synchronize().",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                   help="batch sizes to measure (default 128 512 2048; --quick: 64 128)")
-    p.add_argument("--loaders", nargs="+", default=None, choices=["cpu", "dali-gpu", "dali-cpu"],
-                   help="loaders to measure (default: all that this machine can run)")
-    p.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="CPU loader worker counts (default: all cores, half, a quarter)")
-    p.add_argument("--what", nargs="+", default=["loader", "model", "epoch"], choices=["loader", "model", "epoch"],
-                   help="which measurements")
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes to measure (default 128 512 2048; --quick: 64 128)",
+    )
+    p.add_argument(
+        "--loaders",
+        nargs="+",
+        default=None,
+        choices=["cpu", "dali-gpu", "dali-cpu"],
+        help="loaders to measure (default: all that this machine can run)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="CPU loader worker counts (default: all cores, half, a quarter)",
+    )
+    p.add_argument(
+        "--what",
+        nargs="+",
+        default=["loader", "model", "epoch"],
+        choices=["loader", "model", "epoch"],
+        help="which measurements",
+    )
     p.add_argument("--model", default="seed", help="network for the model and epoch measurements")
     p.add_argument("--compile", action="store_true", help="also measure the model step under torch.compile")
     p.add_argument("--images", type=int, default=50_000, help="images per epoch (synthetic uint8 data)")
@@ -48,8 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-steps", type=int, default=50, help="steps per timed model repeat")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the model runs")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds-long smoke run: batch sizes 64 128, 2048 images, 1 repeat, few steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds-long smoke run: batch sizes 64 128, 2048 images, 1 repeat, few steps",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes = args.batch_sizes or [64, 128]
@@ -83,20 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "torch": torch.__version__, "dali": _dali_version(), "cpu_count": os.cpu_count(), "model": args.model,
-              "images": args.images, "data": "synthetic uint8", "date": datetime.date.today().isoformat(),
-              "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": results}
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dali": _dali_version(),
+        "cpu_count": os.cpu_count(),
+        "model": args.model,
+        "images": args.images,
+        "data": "synthetic uint8",
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": results,
+    }
 
     def record(result) -> None:  # noqa: ANN001
         row = result.row()
         results.append(row)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
-        print(f"{row['what']:6s} {row['loader'] or 'model':11s} bs {row['batch_size']:5d} "
-              f"workers {row['workers'] if row['workers'] is not None else '-':>3} "
-              f"{row['img_per_s']:12,.0f} img/s  [{row['img_per_s_min']:,.0f} .. {row['img_per_s_max']:,.0f}]"
-              + (f"  epoch {row['epoch_s']:.2f}s" if row["epoch_s"] else ""), flush=True)
+        print(
+            f"{row['what']:6s} {row['loader'] or 'model':11s} bs {row['batch_size']:5d} "
+            f"workers {row['workers'] if row['workers'] is not None else '-':>3} "
+            f"{row['img_per_s']:12,.0f} img/s  [{row['img_per_s_min']:,.0f} .. {row['img_per_s_max']:,.0f}]"
+            + (f"  epoch {row['epoch_s']:.2f}s" if row["epoch_s"] else ""),
+            flush=True,
+        )
 
     for bs in args.batch_sizes:
         if "model" in args.what:

@@ -33,11 +33,19 @@ class Result:
     def row(self) -> dict:
         median = statistics.median(self.seconds)
         img_per_s = [self.images / s for s in self.seconds]
-        return {"what": self.what, "loader": self.loader, "batch_size": self.batch_size, "workers": self.workers,
-                "images": self.images, "img_per_s": self.images / median,
-                "img_per_s_min": min(img_per_s), "img_per_s_max": max(img_per_s),
-                "epoch_s": median if self.what == "epoch" else None,
-                "seconds": self.seconds, "repeats": len(self.seconds)}
+        return {
+            "what": self.what,
+            "loader": self.loader,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "images": self.images,
+            "img_per_s": self.images / median,
+            "img_per_s_min": min(img_per_s),
+            "img_per_s_max": max(img_per_s),
+            "epoch_s": median if self.what == "epoch" else None,
+            "seconds": self.seconds,
+            "repeats": len(self.seconds),
+        }
 
 
 def timed(device: torch.device, fn: Callable[[], None]) -> float:
@@ -48,8 +56,15 @@ def timed(device: torch.device, fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def loader_for(name: str, images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int | None,
-               device: torch.device, train: bool = True):
+def loader_for(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+    train: bool = True,
+):
     """name: cpu (albumentations), dali-gpu (batched graph on CUDA), dali-cpu (DALI's CPU operators)."""
     if name == "cpu":
         return make_loader("cpu", images, labels, batch_size, device=device, workers=workers, train=train)
@@ -68,8 +83,16 @@ def _consume(batches: Iterator, limit: int) -> int:
     return seen
 
 
-def bench_loader(name: str, images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int | None,
-                 device: torch.device, repeats: int, max_batches: int) -> Result:
+def bench_loader(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+    repeats: int,
+    max_batches: int,
+) -> Result:
     """Images per second out of the loader, on the device the model would use (nothing else running)."""
     loader = loader_for(name, images, labels, batch_size, workers, device)
     batches = min(len(loader), max_batches)
@@ -86,8 +109,9 @@ def _model_and_optimizer(model_name: str, device: torch.device, compile_model: b
     return (torch.compile(net) if compile_model else net), net, optimizer
 
 
-def bench_model(model_name: str, batch_size: int, device: torch.device, repeats: int, steps: int,
-                compile_model: bool = False) -> Result:
+def bench_model(
+    model_name: str, batch_size: int, device: torch.device, repeats: int, steps: int, compile_model: bool = False
+) -> Result:
     """Training steps per second on one batch already on the device: the ceiling any loader can reach."""
     net, _, optimizer = _model_and_optimizer(model_name, device, compile_model)
     x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
@@ -108,8 +132,17 @@ def bench_model(model_name: str, batch_size: int, device: torch.device, repeats:
     return result
 
 
-def bench_epoch(name: str | None, model_name: str, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                workers: int | None, device: torch.device, repeats: int, compile_model: bool = False) -> Result:
+def bench_epoch(
+    name: str | None,
+    model_name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+    repeats: int,
+    compile_model: bool = False,
+) -> Result:
     """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`; name None feeds the model
     the same number of batches from one tensor already on the device (the model-only epoch)."""
     net, raw, optimizer = _model_and_optimizer(model_name, device, compile_model)

@@ -33,8 +33,11 @@ def plot_report(report: dict, path: Path) -> None:
         for i, (label, values) in enumerate(series.items()):
             heights = [values.get(s, np.nan) for s in sizes]
             ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label, color=colors[label])
-        ceiling = {r["batch_size"]: r["img_per_s"] for r in rows
-                   if (r["what"] == "model") or (r["what"] == "epoch" and r["loader"] == "model-only")}
+        ceiling = {
+            r["batch_size"]: r["img_per_s"]
+            for r in rows
+            if (r["what"] == "model") or (r["what"] == "epoch" and r["loader"] == "model-only")
+        }
         if ceiling:
             ax.plot(x, [ceiling.get(s, np.nan) for s in sizes], "k--o", label="model step alone (ceiling)")
         if not series:

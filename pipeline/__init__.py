@@ -42,8 +42,17 @@ def make_loader(
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    args = dict(spec=spec, train=train, device=device, seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank,
-                world_size=world_size, workers=workers)
+    args = dict(
+        spec=spec,
+        train=train,
+        device=device,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+    )
     if kind == "cpu":
         from pipeline.albu_loader import AlbumentationsLoader
 

@@ -105,8 +105,9 @@ class _AugmentedImages(torch.utils.data.Dataset):
 class _EpochBatches(torch.utils.data.Sampler):
     """Batches of (index, seed) keys for this rank; the epoch is set by the loader before each pass."""
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool, rank: int,
-                 world_size: int):
+    def __init__(
+        self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool, rank: int, world_size: int
+    ):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
@@ -115,11 +116,12 @@ class _EpochBatches(torch.utils.data.Sampler):
         return num_batches(shard_size(self.n, self.rank, self.world_size), self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = epoch_indices(self.n, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
-                              world_size=self.world_size)
+        order = epoch_indices(
+            self.n, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size
+        )
         seeds = sample_seeds(self.n, seed=self.seed, epoch=self.epoch)
         for b in range(len(self)):
-            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(int(i), int(seeds[i])) for i in chunk]
 
 
@@ -140,14 +142,28 @@ class AlbumentationsLoader:
 
     kind = "cpu"
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, spec: AugSpec, train: bool,
-                 device: str | torch.device, seed: int, shuffle: bool, drop_last: bool, rank: int, world_size: int,
-                 workers: int | None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        spec: AugSpec,
+        train: bool,
+        device: str | torch.device,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        workers: int | None,
+    ):
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
-        self.sampler = _EpochBatches(len(images), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                                     rank=rank, world_size=world_size)
+        self.sampler = _EpochBatches(
+            len(images), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size
+        )
         self.num_samples = shard_size(len(images), rank, world_size)
         dataset = _AugmentedImages(images, labels, build_transform(spec, train))
         with warnings.catch_warnings():

@@ -85,14 +85,15 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
 
     def dali_remap(images, src_x, src_y):
         return fn.experimental.remap(
-            images, src_x, src_y,
+            images,
+            src_x,
+            src_y,
             pixel_origin="center",  # OpenCV's convention, the one albumentations (and pipeline.params) use
             interp=types.INTERP_LINEAR,
         )
 
     @pipeline_def
-    def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu",
-                         remap=dali_remap):
+    def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu", remap=dali_remap):
         """GPU graph. Inputs per iteration, per DALI sample of N <= IMAGES_PER_SAMPLE images:
         images (N*H, W, 3) uint8; warp (7, N, 1, 1): sampling matrix rows a..f and each image's first row in the
         tall image; holes (4, N, 1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with
@@ -106,8 +107,9 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
         # Source position of every output pixel (pixel centres), clamped to its own image: the replicate border.
         src_x = dmath.clamp(warp[0] * gx + warp[1] * gy + warp[2], 0.0, width - 1.0)
         src_y = dmath.clamp(warp[3] * gx + warp[4] * gy + warp[5], 0.0, height - 1.0) + warp[6]
-        warped = remap(images, fn.reshape(src_x, shape=[-1, width], layout="HW"),
-                       fn.reshape(src_y, shape=[-1, width], layout="HW"))
+        warped = remap(
+            images, fn.reshape(src_x, shape=[-1, width], layout="HW"), fn.reshape(src_y, shape=[-1, width], layout="HW")
+        )
         return cutout_then_normalize(warped, holes, gy, gx, spec, width, device)
 
     @pipeline_def
@@ -147,9 +149,24 @@ class DaliLoader:
 
     kind = "dali"
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *, spec: AugSpec, train: bool,
-                 device: str | torch.device, seed: int, shuffle: bool, drop_last: bool, rank: int, world_size: int,
-                 workers: int | None, graph: str | None = None, remap=None):  # noqa: ANN001
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        spec: AugSpec,
+        train: bool,
+        device: str | torch.device,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        workers: int | None,
+        graph: str | None = None,
+        remap=None,
+    ):  # noqa: ANN001
         batched_pipeline, per_image_pipeline = _graphs()
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
@@ -166,12 +183,24 @@ class DaliLoader:
         self.labels = torch.from_numpy(labels).to(self.device)
         if not on_gpu and rank == 0:
             _say_cpu_mode_once()
-        options = dict(num_threads=workers or min(4, os.cpu_count() or 1), prefetch_queue_depth=1, seed=seed,
-                       device_id=(self.device.index or 0) if on_gpu else None)
+        options = dict(
+            num_threads=workers or min(4, os.cpu_count() or 1),
+            prefetch_queue_depth=1,
+            seed=seed,
+            device_id=(self.device.index or 0) if on_gpu else None,
+        )
         if self.graph == "batched":
             extra = {"remap": remap} if remap is not None else {}
-            self.pipe = batched_pipeline(spec, self.height, self.width, train, "gpu" if on_gpu else "cpu", **extra,
-                                         batch_size=-(-batch_size // IMAGES_PER_SAMPLE), **options)
+            self.pipe = batched_pipeline(
+                spec,
+                self.height,
+                self.width,
+                train,
+                "gpu" if on_gpu else "cpu",
+                **extra,
+                batch_size=-(-batch_size // IMAGES_PER_SAMPLE),
+                **options,
+            )
         elif self.graph == "per_image":
             if on_gpu:
                 raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
@@ -189,15 +218,25 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        order = epoch_indices(self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                              world_size=self.world_size)
+        order = epoch_indices(
+            self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size
+        )
         order = torch.from_numpy(order).to(self.device)[: len(self) * self.batch_size]
         # Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
         # the whole epoch: per batch the host then only slices, which keeps the loader's host time off the
         # training loop's (on a launch-bound GPU host every kernel launch counts).
-        params = draw_params(self.spec, len(order), self.height, self.width,
-                             epoch_generator(self.seed, epoch, self.rank, self.device), self.device) \
-            if self.train else None
+        params = (
+            draw_params(
+                self.spec,
+                len(order),
+                self.height,
+                self.width,
+                epoch_generator(self.seed, epoch, self.rank, self.device),
+                self.device,
+            )
+            if self.train
+            else None
+        )
         batches = self._batches(order, self.labels[order], params, self.batch_size)
         labels: deque[torch.Tensor] = deque()
         try:
@@ -227,8 +266,9 @@ class DaliLoader:
         finally:
             self.images = saved
 
-    def _batches(self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None,
-                 batch_size: int) -> list[tuple]:
+    def _batches(
+        self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None, batch_size: int
+    ) -> list[tuple]:
         """(image indices, labels, DALI inputs) per batch; the inputs are views into tensors made once."""
         h, w, n = self.height, self.width, len(order)
         spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
@@ -246,8 +286,10 @@ class DaliLoader:
         batches = []
         for a, b in spans:
             chunks = [(c, min(c + IMAGES_PER_SAMPLE, b)) for c in range(a, b, IMAGES_PER_SAMPLE)]
-            inputs = ([warp[c:d].T.reshape(7, -1, 1, 1) for c, d in chunks],
-                      [holes[c:d].T.reshape(4, -1, 1, 1) for c, d in chunks])
+            inputs = (
+                [warp[c:d].T.reshape(7, -1, 1, 1) for c, d in chunks],
+                [holes[c:d].T.reshape(4, -1, 1, 1) for c, d in chunks],
+            )
             batches.append((order[a:b], labels[a:b], inputs))
         return batches
 
@@ -259,8 +301,10 @@ class DaliLoader:
     def _feed(self, index: torch.Tensor, inputs: tuple | None) -> None:
         images = self.images[index]
         if self.graph == "batched":
-            per_sample = [images[c:c + IMAGES_PER_SAMPLE].view(-1, self.width, 3)
-                          for c in range(0, len(index), IMAGES_PER_SAMPLE)]
+            per_sample = [
+                images[c : c + IMAGES_PER_SAMPLE].view(-1, self.width, 3)
+                for c in range(0, len(index), IMAGES_PER_SAMPLE)
+            ]
             self._feed_input("images", per_sample, layout="HWC")
         else:
             self._feed_input("images", images, layout="HWC")
@@ -274,8 +318,7 @@ class DaliLoader:
         if isinstance(tensor, list):
             samples = [t.contiguous() for t in tensor]
             if samples[0].is_cuda:
-                self.pipe.feed_input(name, samples, layout=layout,
-                                     cuda_stream=torch.cuda.current_stream(self.device))
+                self.pipe.feed_input(name, samples, layout=layout, cuda_stream=torch.cuda.current_stream(self.device))
             else:
                 self.pipe.feed_input(name, [t.numpy() for t in samples], layout=layout)
             return
@@ -302,7 +345,6 @@ class DaliLoader:
             x = torch.from_numpy(np.array(out.as_array()))
         return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
 
-
     def _copy_on_torch_stream(self, out, samples: list, parts: tuple[torch.Tensor, ...]) -> None:  # noqa: ANN001
         """Copy DALI's output into torch memory asynchronously, on torch's stream: the model's kernels queue behind
         the copy and the host never waits for the GPU. DALI's buffer must outlive the copy, so it is kept (with an
@@ -324,5 +366,4 @@ def _say_cpu_mode_once() -> None:
     global _warned_cpu_mode
     if not _warned_cpu_mode:
         _warned_cpu_mode = True
-        print("DALI: no GPU in use, running DALI's CPU operators (expect CPU-loader speeds, not GPU ones).",
-              flush=True)
+        print("DALI: no GPU in use, running DALI's CPU operators (expect CPU-loader speeds, not GPU ones).", flush=True)

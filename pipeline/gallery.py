@@ -27,17 +27,27 @@ CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
 def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int, device: str) -> np.ndarray:
     """[n_draws, N, H, W, 3] uint8: each image augmented n_draws times by loader `kind`, back in pixel units."""
     repeated = np.concatenate([images] * n_draws)
-    loader = make_loader(kind, repeated, np.zeros(len(repeated), np.int64), len(repeated), spec=spec, seed=seed,
-                         shuffle=False, device=device if kind == "dali" else "cpu", workers=0 if kind == "cpu" else 2)
-    (x, _), = list(loader)
+    loader = make_loader(
+        kind,
+        repeated,
+        np.zeros(len(repeated), np.int64),
+        len(repeated),
+        spec=spec,
+        seed=seed,
+        shuffle=False,
+        device=device if kind == "dali" else "cpu",
+        workers=0 if kind == "cpu" else 2,
+    )
+    ((x, _),) = list(loader)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     pixels = ((x.cpu() * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return pixels.reshape(n_draws, len(images), *images.shape[1:])
 
 
-def render(images: np.ndarray, labels: np.ndarray, albu: np.ndarray, dali: np.ndarray, path: Path,
-           dali_label: str) -> None:
+def render(
+    images: np.ndarray, labels: np.ndarray, albu: np.ndarray, dali: np.ndarray, path: Path, dali_label: str
+) -> None:
     n, n_draws = len(images), len(albu)
     cols = 1 + 2 * n_draws
     fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + 0.4) * CELL_INCHES), squeeze=False)
@@ -58,8 +68,9 @@ def render(images: np.ndarray, labels: np.ndarray, albu: np.ndarray, dali: np.nd
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.gallery", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)")
     p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
     p.add_argument("--out", type=Path, default=Path("augmentations.png"), help="PNG to write")

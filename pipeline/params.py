@@ -49,8 +49,19 @@ class AugParams:
     @classmethod
     def fixed(cls, rows: list[dict[str, float | bool]], device: str | torch.device = "cpu") -> AugParams:
         """Explicit parameters (missing keys mean 'not applied'), for tests and for looking at one augmentation."""
-        defaults = {"flip": False, "ssr": False, "shift_x": 0.0, "shift_y": 0.0, "scale": 1.0, "angle": 0.0,
-                    "cutout": False, "hole_y": 0.0, "hole_x": 0.0, "hole_h": 0.0, "hole_w": 0.0}
+        defaults = {
+            "flip": False,
+            "ssr": False,
+            "shift_x": 0.0,
+            "shift_y": 0.0,
+            "scale": 1.0,
+            "angle": 0.0,
+            "cutout": False,
+            "hole_y": 0.0,
+            "hole_x": 0.0,
+            "hole_h": 0.0,
+            "hole_w": 0.0,
+        }
         unknown = {k for r in rows for k in r} - defaults.keys()
         if unknown:
             raise ValueError(f"unknown augmentation parameters {sorted(unknown)}")
@@ -135,4 +146,3 @@ def _mix(*values: int) -> int:
         h ^= (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
-

@@ -87,8 +87,10 @@ class AugSpec:
         for item in items:
             key, sep, raw = item.partition("=")
             key = key.strip().replace("-", "_")
-            _check(bool(sep) and key in fields,
-                   f"--aug expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}")
+            _check(
+                bool(sep) and key in fields,
+                f"--aug expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}",
+            )
             current = getattr(base, key)
             try:
                 if isinstance(current, tuple):

@@ -86,8 +86,9 @@ def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_siz
     from pipeline.dali_loader import DaliLoader
     from pipeline.spec import AugSpec
 
-    args = dict(spec=AugSpec(), train=True, device="cpu", seed=0, shuffle=True, drop_last=False, rank=0,
-                world_size=1, workers=2)
+    args = dict(
+        spec=AugSpec(), train=True, device="cpu", seed=0, shuffle=True, drop_last=False, rank=0, world_size=1, workers=2
+    )
     args.update(kw)
     if variant == "dali-batched-cpu":
         return DaliLoader(images, labels, batch_size, graph="batched", remap=opencv_remap, **args)

@@ -19,16 +19,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_quick_writes_json_and_png(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--device", "cpu",
-                             "--batch-sizes", "32", "--workers", "1"],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "32",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     (report_path,) = tmp_path.glob("*-quick.json")
     report = json.loads(report_path.read_text())
     assert {"device", "torch", "dali", "cpu_count", "results"} <= set(report)
     kinds = {(r["what"], r["loader"]) for r in report["results"]}
-    assert {("model", None), ("loader", "cpu"), ("loader", "dali-cpu"), ("epoch", "model-only"), ("epoch", "cpu"),
-            ("epoch", "dali-cpu")} <= kinds
+    assert {
+        ("model", None),
+        ("loader", "cpu"),
+        ("loader", "dali-cpu"),
+        ("epoch", "model-only"),
+        ("epoch", "cpu"),
+        ("epoch", "dali-cpu"),
+    } <= kinds
     for row in report["results"]:
         assert {"what", "loader", "batch_size", "workers", "img_per_s", "epoch_s", "repeats"} <= set(row)
         assert row["img_per_s"] > 0 and row["batch_size"] == 32
@@ -41,8 +64,13 @@ def test_bench_quick_writes_json_and_png(tmp_path):
 def test_bench_refuses_dali_gpu_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--loaders", "dali-gpu", "--out",
-                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--loaders", "dali-gpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
@@ -75,6 +103,16 @@ def test_benchmark_epoch_slice(benchmark, variant, images):
 
     x, y = images
     result = benchmark.pedantic(
-        lambda: bench_epoch({"cpu": "cpu", "dali-per-image": "dali-cpu"}[variant], "seed", x[:512], y[:512], 128, 1,
-                            torch.device("cpu"), repeats=1), rounds=1)
+        lambda: bench_epoch(
+            {"cpu": "cpu", "dali-per-image": "dali-cpu"}[variant],
+            "seed",
+            x[:512],
+            y[:512],
+            128,
+            1,
+            torch.device("cpu"),
+            repeats=1,
+        ),
+        rounds=1,
+    )
     assert result.row()["img_per_s"] > 0

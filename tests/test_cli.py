@@ -16,13 +16,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
+    )
 
 
 def small_run_args(data: str, out: Path, *extra: str) -> list[str]:
-    return ["--data-dir", data, "--allow-small-data", "--out", str(out), "--epochs", "2", "--batch-size", "64",
-            "--lr", "0.05", "--workers", "0", "--no-progress", "--device", "cpu", *extra]
+    return [
+        "--data-dir",
+        data,
+        "--allow-small-data",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("loader", ["cpu", "dali"])
@@ -72,16 +90,50 @@ def test_bad_flags_are_refused_in_one_line(args, message, tmp_path):
 def test_help_explains_every_flag():
     result = run_train("--help")
     assert result.returncode == 0
-    for flag in ("--loader", "--model", "--epochs", "--batch-size", "--lr", "--optimizer", "--schedule",
-                 "--data-dir", "--download", "--out", "--seed", "--device", "--workers", "--limit-train", "--amp",
-                 "--channels-last", "--compile", "--recipe", "--val-split", "--tta", "--resume"):
+    for flag in (
+        "--loader",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--schedule",
+        "--data-dir",
+        "--download",
+        "--out",
+        "--seed",
+        "--device",
+        "--workers",
+        "--limit-train",
+        "--amp",
+        "--channels-last",
+        "--compile",
+        "--recipe",
+        "--val-split",
+        "--tta",
+        "--resume",
+    ):
         assert flag in result.stdout
 
 
 def test_data_dir_from_environment(tiny_cifar, tmp_path):
-    result = run_train("--allow-small-data", "--out", str(tmp_path / "o"), "--epochs", "1", "--workers", "0",
-                       "--no-progress", "--loader", "cpu", "--limit-train", "64", "--device", "cpu",
-                       env={"CIFAR10_ROOT": tiny_cifar})
+    result = run_train(
+        "--allow-small-data",
+        "--out",
+        str(tmp_path / "o"),
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--loader",
+        "cpu",
+        "--limit-train",
+        "64",
+        "--device",
+        "cpu",
+        env={"CIFAR10_ROOT": tiny_cifar},
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -28,14 +28,45 @@ def free_port() -> int:
 
 
 def torchrun(port: int, out: Path, data: str, *args: str, popen: bool = False):  # noqa: ANN201
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "train", "--device", "cpu",
-               "--data-dir", data, "--allow-small-data", "--batch-size", "64", "--workers", "0", "--no-progress",
-               "--out", str(out), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "train",
+        "--device",
+        "cpu",
+        "--data-dir",
+        data,
+        "--allow-small-data",
+        "--batch-size",
+        "64",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        *args,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT_S": "60"}
     if popen:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                cwd=ROOT, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
@@ -47,8 +78,13 @@ def odd_cifar(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("odd")
     rng = np.random.default_rng(0)
-    write_cifar10(root, smooth_images(N_TRAIN, seed=1), rng.integers(0, 10, N_TRAIN), smooth_images(N_TEST, seed=2),
-                  rng.integers(0, 10, N_TEST))
+    write_cifar10(
+        root,
+        smooth_images(N_TRAIN, seed=1),
+        rng.integers(0, 10, N_TRAIN),
+        smooth_images(N_TEST, seed=2),
+        rng.integers(0, 10, N_TEST),
+    )
     return str(root)
 
 
@@ -64,8 +100,15 @@ def test_two_rank_run(loader, odd_cifar, tmp_path):
         assert epoch["test_images"] == N_TEST  # the test accuracy is over every test image exactly once
         assert epoch["ranks_in_sync"] is True  # DDP kept the weights identical on both ranks
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["best.pt", "confusion.png", "curves.png", "last.pt", "metrics.json", "misclassified.png",
-                       "predictions.npz"]  # one set of outputs: nothing per rank
+    assert written == [
+        "best.pt",
+        "confusion.png",
+        "curves.png",
+        "last.pt",
+        "metrics.json",
+        "misclassified.png",
+        "predictions.npz",
+    ]  # one set of outputs: nothing per rank
     predictions = np.load(out / "predictions.npz")
     assert len(predictions["labels"]) == N_TEST  # rank 0 predicted every test image once
     assert result.stdout.count("epoch 1/2:") == 1  # rank 0 alone reports

@@ -31,6 +31,7 @@ def to_pixels(x: torch.Tensor, spec: AugSpec = SPEC) -> np.ndarray:
 
 # --- 1. identity --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
 def test_every_probability_zero_gives_the_plain_normalized_image(variant):
     images = smooth_images(40, seed=2)
@@ -42,13 +43,22 @@ def test_every_probability_zero_gives_the_plain_normalized_image(variant):
 
 # --- 2. explicit parameters -----------------------------------------------------------------------------------------
 
+
 def _grid() -> list[dict]:
     rows = []
     for flip, shift, scale, angle in itertools.product(
         (False, True), ((0, 0), (1, -1), (-1, 1)), (0.95, 1.0, 1.05), (-5.0, -2.5, 0.0, 2.5, 5.0)
     ):
-        rows.append({"flip": flip, "ssr": True, "shift_x": float(shift[0]), "shift_y": float(shift[1]),
-                     "scale": scale, "angle": angle})
+        rows.append(
+            {
+                "flip": flip,
+                "ssr": True,
+                "shift_x": float(shift[0]),
+                "shift_y": float(shift[1]),
+                "scale": scale,
+                "angle": angle,
+            }
+        )
     holes = [(0, 0, 1, 1), (20, 20, 12, 12), (5, 17, 3, 9), (31, 0, 1, 12), (10, 31, 12, 1)]
     for k, (y, x, h, w) in enumerate(holes):
         rows.append({"cutout": True, "hole_y": y, "hole_x": x, "hole_h": h, "hole_w": w, "flip": k % 2 == 1})
@@ -79,8 +89,9 @@ def test_explicit_parameters_match_albumentations(variant):
     worst = int(interior.max(axis=(1, 2, 3)).argmax())
     assert interior.max() <= 2 / 255, f"interior differs by {interior.max() * 255:.2f}/255 for {rows[worst]}"
     per_image_mean = diff.mean(axis=(1, 2, 3))
-    assert per_image_mean.max() <= 0.5 / 255, f"mean |diff| {per_image_mean.max() * 255:.3f}/255 for " \
-                                              f"{rows[int(per_image_mean.argmax())]}"
+    assert per_image_mean.max() <= 0.5 / 255, (
+        f"mean |diff| {per_image_mean.max() * 255:.3f}/255 for {rows[int(per_image_mean.argmax())]}"
+    )
 
 
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
@@ -148,11 +159,20 @@ def measure(pixels: np.ndarray) -> dict[str, np.ndarray]:
     ssr = (np.abs(inv_scale - 1) > 1e-3) | (np.abs(angle) > 0.05) | (np.abs(shift_x) > 0.5) | (np.abs(shift_y) > 0.5)
     rows, cols = hole.any(2), hole.any(1)
     hole_h, hole_w = rows.sum(1), cols.sum(1)
-    return {"flip": flip, "ssr": ssr, "scale": 1 / inv_scale, "angle": angle, "shift_x": np.round(shift_x),
-            "shift_y": np.round(shift_y), "shift_err": np.maximum(np.abs(shift_x - np.round(shift_x)),
-                                                                   np.abs(shift_y - np.round(shift_y))),
-            "cutout": hole.any((1, 2)), "hole": hole, "hole_h": hole_h, "hole_w": hole_w,
-            "hole_is_rectangle": hole.sum((1, 2)) == hole_h * hole_w}
+    return {
+        "flip": flip,
+        "ssr": ssr,
+        "scale": 1 / inv_scale,
+        "angle": angle,
+        "shift_x": np.round(shift_x),
+        "shift_y": np.round(shift_y),
+        "shift_err": np.maximum(np.abs(shift_x - np.round(shift_x)), np.abs(shift_y - np.round(shift_y))),
+        "cutout": hole.any((1, 2)),
+        "hole": hole,
+        "hole_h": hole_h,
+        "hole_w": hole_w,
+        "hole_is_rectangle": hole.sum((1, 2)) == hole_h * hole_w,
+    }
 
 
 _measured: dict[str, dict[str, np.ndarray]] = {}
@@ -161,8 +181,9 @@ _measured: dict[str, dict[str, np.ndarray]] = {}
 def measured(variant: str) -> dict[str, np.ndarray]:
     if variant not in _measured:
         images = np.broadcast_to(probe_image(), (SAMPLES, SIZE, SIZE, 3)).copy()
-        loader = build_loader(variant, images, np.zeros(SAMPLES, np.int64), 1000, seed=11,
-                              **({"workers": 2} if variant == "cpu" else {}))
+        loader = build_loader(
+            variant, images, np.zeros(SAMPLES, np.int64), 1000, seed=11, **({"workers": 2} if variant == "cpu" else {})
+        )
         _measured[variant] = measure(np.concatenate([to_pixels(x) for x, _ in loader]))
     return _measured[variant]
 
@@ -188,7 +209,7 @@ def expected_hole_coverage(spec: AugSpec) -> np.ndarray:
     line = np.zeros(SIZE)
     for size in sizes:
         for start in range(SIZE - size + 1):
-            line[start:start + size] += 1 / (len(sizes) * (SIZE - size + 1))
+            line[start : start + size] += 1 / (len(sizes) * (SIZE - size + 1))
     return spec.cutout_p * np.outer(line, line)
 
 

@@ -30,8 +30,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, 
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train", *small_run_args(tiny_cifar, out, *args)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.time() + 240
     while not (out / "metrics.json").exists() or len(epochs_of(out)) < 2:
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -63,8 +64,9 @@ def test_corrupt_checkpoint_is_a_clear_error_not_a_fresh_start(tiny_cifar, tmp_p
 def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")).returncode == 0
-    other = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--lr", "0.1",
-                                      "--resume", "auto"))
+    other = run_train(
+        *small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--lr", "0.1", "--resume", "auto")
+    )
     assert other.returncode == 2 and "was written with other settings (lr: 0.05 -> 0.1)" in other.stderr
     finished = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--resume", "auto"))
     assert finished.returncode == 2 and "already finished all 1 epochs" in finished.stderr
@@ -79,13 +81,17 @@ def test_out_holding_another_run_is_refused_unless_asked(tiny_cifar, tmp_path):
     refused = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1"))
     assert refused.returncode == 2 and "already holds another run" in refused.stderr
     assert (out / "metrics.json").read_text() == before
-    assert run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1",
-                                     "--overwrite")).returncode == 0
+    assert (
+        run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--overwrite")).returncode == 0
+    )
 
 
 def test_non_finite_loss_stops_with_epoch_and_batch(tiny_cifar, tmp_path):
-    result = run_train(*small_run_args(tiny_cifar, tmp_path / "nan", "--loader", "cpu", "--lr", "1e30",
-                                       "--no-nesterov", "--warmup-frac", "0"))
+    result = run_train(
+        *small_run_args(
+            tiny_cifar, tmp_path / "nan", "--loader", "cpu", "--lr", "1e30", "--no-nesterov", "--warmup-frac", "0"
+        )
+    )
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "loss became non-finite" in line and "epoch 1, batch" in line and "Lower --lr" in line
@@ -140,10 +146,11 @@ def test_device_cuda_without_a_gpu(tiny_cifar, tmp_path):
 
 
 def test_loader_dali_without_dali_installed(tiny_cifar, tmp_path):
-    hide_dali = ("import sys; sys.modules['nvidia.dali'] = None; from train.__main__ import cli; "
-                 f"sys.exit(cli({small_run_args(tiny_cifar, tmp_path / 'o', '--loader', 'dali')!r}))")
-    result = subprocess.run([sys.executable, "-c", hide_dali], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+    hide_dali = (
+        "import sys; sys.modules['nvidia.dali'] = None; from train.__main__ import cli; "
+        f"sys.exit(cli({small_run_args(tiny_cifar, tmp_path / 'o', '--loader', 'dali')!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", hide_dali], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "NVIDIA DALI is not installed" in line and "pip install nvidia-dali-cuda130" in line
@@ -165,17 +172,39 @@ def test_a_run_leaves_curves_confusion_and_mistakes(tiny_cifar, tmp_path):
     # and the report tool overlays several runs
     other = tmp_path / "other"
     shutil.copytree(out, other)
-    report = subprocess.run([sys.executable, "-m", "train.report", str(out), str(other), "--out",
-                             str(tmp_path / "both")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "train.report", str(out), str(other), "--out", str(tmp_path / "both")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr
     assert _png_size(tmp_path / "both" / "curves.png") == (1200, 450)
 
 
 def test_gallery_shows_both_loaders(tiny_cifar, tmp_path):
     out = tmp_path / "augmentations.png"
-    result = subprocess.run([sys.executable, "-m", "pipeline.gallery", "--data-dir", tiny_cifar,
-                             "--allow-small-data", "--out", str(out), "--draws", "3", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.gallery",
+            "--data-dir",
+            tiny_cifar,
+            "--allow-small-data",
+            "--out",
+            str(out),
+            "--draws",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert _png_size(out) == (700, 840)  # 8 rows x (raw + 3 albumentations + 3 DALI), 100 px a cell
 

@@ -59,8 +59,19 @@ def test_overrides_from_cli_strings():
 
 
 def test_albumentations_pipeline_carries_the_spec_values():
-    spec = AugSpec(flip_p=0.1, ssr_p=0.2, cutout_p=0.3, shift_max_frac=0.1, scale_max_delta=0.2, rotate_max_deg=7,
-                   cutout_min_px=2, cutout_max_px=9, cutout_fill=0.25, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    spec = AugSpec(
+        flip_p=0.1,
+        ssr_p=0.2,
+        cutout_p=0.3,
+        shift_max_frac=0.1,
+        scale_max_delta=0.2,
+        rotate_max_deg=7,
+        cutout_min_px=2,
+        cutout_max_px=9,
+        cutout_fill=0.25,
+        mean=(0.1, 0.2, 0.3),
+        std=(0.4, 0.5, 0.6),
+    )
     affine, flip, dropout, normalize = build_transform(spec).transforms
     assert isinstance(affine, A.Affine) and affine.p == 0.2 and affine.border_mode == cv2.BORDER_REPLICATE
     assert affine.rotate == (-7, 7) and affine.scale == {"x": (0.8, 1.2), "y": (0.8, 1.2)} and affine.keep_ratio

@@ -28,13 +28,15 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     except torch.distributed.DistError as err:
         rank = os.environ.get("RANK", "?")
-        print(f"error: rank {rank} lost contact with the other ranks ({type(err).__name__}: "
-              f"{str(err).splitlines()[0][:200]}). Another rank died or the network failed; torchrun's report says "
-              "which. Continue with --resume auto.", file=sys.stderr)
+        print(
+            f"error: rank {rank} lost contact with the other ranks ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Another rank died or the network failed; torchrun's report says "
+            "which. Continue with --resume auto.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in <out>/last.pt; continue with --resume auto",
-              file=sys.stderr)
+        print("interrupted: the last completed epoch is in <out>/last.pt; continue with --resume auto", file=sys.stderr)
         return 130
     return 0
 

@@ -55,8 +55,7 @@ class TrainConfig:
 # Named recipes: every value that differs from the defaults above, in one place.
 RECIPES: dict[str, dict[str, object]] = {
     # The seed's settings: its net, batch size 128, 60 epochs, its augmentations (AugSpec defaults).
-    "seed": {"model": "seed", "batch_size": 128, "epochs": 60, "lr": 0.05, "optimizer": "sgd",
-             "schedule": "onecycle"},
+    "seed": {"model": "seed", "batch_size": 128, "epochs": 60, "lr": 0.05, "optimizer": "sgd", "schedule": "onecycle"},
     # Time to 85%: see README "Time to 85%" for how each value was chosen on a validation split.
     "fast": {
         "model": "dwres",  # model/fast.py: residual depthwise-separable net, 187,882 parameters
@@ -98,14 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a("--recipe", choices=sorted(RECIPES), default=None,
-      help="named settings (see train/config.py RECIPES); explicit flags override them")
-    a("--loader", choices=LOADERS, default=d.loader,
-      help="dali: DALI pipeline (GPU operators on CUDA, CPU operators otherwise); cpu: albumentations + DataLoader")
+    a(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="named settings (see train/config.py RECIPES); explicit flags override them",
+    )
+    a(
+        "--loader",
+        choices=LOADERS,
+        default=d.loader,
+        help="dali: DALI pipeline (GPU operators on CUDA, CPU operators otherwise); cpu: albumentations + DataLoader",
+    )
     a("--model", default=d.model, help=f"network: one of {', '.join(model.NAMES)}")
     a("--epochs", type=int, default=d.epochs, help="training epochs")
-    a("--batch-size", type=int, default=d.batch_size,
-      help="global batch size (images per optimizer step, over all torchrun ranks)")
+    a(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch size (images per optimizer step, over all torchrun ranks)",
+    )
     a("--lr", type=float, default=d.lr, help="peak learning rate")
     a("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     a("--momentum", type=float, default=d.momentum, help="SGD momentum (AdamW beta1)")
@@ -116,29 +127,52 @@ def build_parser() -> argparse.ArgumentParser:
     a("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the cross-entropy")
     a("--ema", type=float, default=d.ema, help="weight EMA decay per step for evaluation (0 = off)")
     a("--tta", choices=TTAS, default=d.tta, help="test-time augmentation: flip averages an image and its mirror")
-    a("--aug", action="append", default=[], metavar="KEY=VALUE",
-      help="override an AugSpec field, e.g. --aug cutout_p=0.3 (repeatable; see pipeline/spec.py)")
-    a("--val-split", type=int, default=d.val_split,
-      help="hold out N training images and evaluate on them instead of the test set (for tuning)")
-    a("--data-dir", default=d.data_dir,
-      help="folder holding cifar-10-batches-py/ (or that folder); default $CIFAR10_ROOT, else ~/data/cifar10")
+    a(
+        "--aug",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an AugSpec field, e.g. --aug cutout_p=0.3 (repeatable; see pipeline/spec.py)",
+    )
+    a(
+        "--val-split",
+        type=int,
+        default=d.val_split,
+        help="hold out N training images and evaluate on them instead of the test set (for tuning)",
+    )
+    a(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder holding cifar-10-batches-py/ (or that folder); default $CIFAR10_ROOT, else ~/data/cifar10",
+    )
     a("--download", action="store_true", help="download and verify the official archive if the data is missing")
     a("--allow-small-data", action="store_true", help="accept splits smaller than 50,000/10,000 (tests)")
     a("--limit-train", type=int, default=d.limit_train, help="train on the first N images only (smoke runs); 0 = all")
     a("--out", default=d.out, help="output folder for metrics.json, checkpoints and plots")
-    a("--resume", default=d.resume, metavar="PATH|auto",
-      help="continue from a checkpoint (auto = <out>/last.pt)")
+    a("--resume", default=d.resume, metavar="PATH|auto", help="continue from a checkpoint (auto = <out>/last.pt)")
     a("--overwrite", action="store_true", help="allow --out to hold another run's files (they are replaced)")
     a("--seed", type=int, default=d.seed, help="seed for the order, the augmentations and the weights")
     a("--device", choices=DEVICES, default=d.device, help="auto = CUDA if available")
-    a("--workers", type=int, default=d.workers,
-      help="CPU loader: DataLoader worker processes; DALI: threads (default: all cores / 4)")
+    a(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="CPU loader: DataLoader worker processes; DALI: threads (default: all cores / 4)",
+    )
     a("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast on CUDA")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
-      help="channels_last memory format for the model and its input")
+    a(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=d.channels_last,
+        help="channels_last memory format for the model and its input",
+    )
     a("--compile", action="store_true", help="torch.compile the model (time reported as compile_seconds)")
-    a("--compile-mode", choices=COMPILE_MODES, default=d.compile_mode,
-      help="torch.compile mode: reduce-overhead replays CUDA graphs, for launch-bound small nets")
+    a(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=d.compile_mode,
+        help="torch.compile mode: reduce-overhead replays CUDA graphs, for launch-bound small nets",
+    )
     a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks")
     a("--tensorboard", action="store_true", help="also log to <out>/tensorboard (needs the [tensorboard] extra)")
     a("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show the tqdm progress bar")
@@ -193,8 +227,12 @@ def validate(cfg: TrainConfig) -> None:
     ]
     import importlib.util
 
-    checks.append((not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
-                   "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'"))
+    checks.append(
+        (
+            not cfg.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+            "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'",
+        )
+    )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

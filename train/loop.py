@@ -106,8 +106,13 @@ def train_one_epoch(
     loss_mean, acc, count = sums.means()
     if progress is not None:
         progress(batch + 1, loss_mean, acc, count / seconds)
-    return {"train_loss": loss_mean, "train_acc": acc, "seconds": seconds, "img_per_s": count / seconds,
-            "images": count}
+    return {
+        "train_loss": loss_mean,
+        "train_acc": acc,
+        "seconds": seconds,
+        "img_per_s": count / seconds,
+        "images": count,
+    }
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:

@@ -42,10 +42,12 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         name = run.name if len(runs) > 1 else ""
         line = ax_loss.plot(x, [e["train_loss"] for e in epochs], "--", label=f"{name} train".strip())[0]
         ax_loss.plot(x, [e[f"{ev}_loss"] for e in epochs], "-", color=line.get_color(), label=f"{name} {ev}".strip())
-        ax_acc.plot(x, [100 * e["train_acc"] for e in epochs], "--", color=line.get_color(),
-                    label=f"{name} train".strip())
-        ax_acc.plot(x, [100 * e[f"{ev}_acc"] for e in epochs], "-", color=line.get_color(),
-                    label=f"{name} {ev}".strip())
+        ax_acc.plot(
+            x, [100 * e["train_acc"] for e in epochs], "--", color=line.get_color(), label=f"{name} train".strip()
+        )
+        ax_acc.plot(
+            x, [100 * e[f"{ev}_acc"] for e in epochs], "-", color=line.get_color(), label=f"{name} {ev}".strip()
+        )
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -62,19 +64,30 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
     fig, ax = plt.subplots(figsize=CONFUSION_SIZE)
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > matrix.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})")
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_misclassified(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
-                       path: Path) -> None:
+def plot_misclassified(
+    images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, path: Path
+) -> None:
     cols = 8
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=GRID_SIZE, squeeze=False)
@@ -97,8 +110,9 @@ def write_run_plots(run: Path) -> list[Path]:
     if predictions.exists():
         p = np.load(predictions)
         plot_confusion(p["labels"], p["predicted"], run / "confusion.png")
-        plot_misclassified(p["worst_images"], p["worst_labels"], p["worst_predicted"], p["worst_confidence"],
-                           run / "misclassified.png")
+        plot_misclassified(
+            p["worst_images"], p["worst_labels"], p["worst_predicted"], p["worst_confidence"], run / "misclassified.png"
+        )
         written += [run / "confusion.png", run / "misclassified.png"]
     return written
 
@@ -108,17 +122,28 @@ def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabi
     predicted = probabilities.argmax(1)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:WORST]
-    np.savez_compressed(path, labels=labels, predicted=predicted, worst_images=images[worst],
-                        worst_labels=labels[worst], worst_predicted=predicted[worst],
-                        worst_confidence=probabilities[worst, predicted[worst]])
+    np.savez_compressed(
+        path,
+        labels=labels,
+        predicted=predicted,
+        worst_images=images[worst],
+        worst_labels=labels[worst],
+        worst_predicted=predicted[worst],
+        worst_confidence=probabilities[worst, predicted[worst]],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.json)")
-    p.add_argument("--out", type=Path, default=None, help="where to write (default: the run folder; with several "
-                                                          "runs, curves.png goes to the first)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write (default: the run folder; with several runs, curves.png goes to the first)",
+    )
     args = p.parse_args(argv)
     for run in args.runs:
         if not (run / "metrics.json").is_file():

@@ -27,8 +27,25 @@ from train.loop import autocast, evaluate, predict, sync, train_one_epoch, tta_l
 VAL_SPLIT_SEED = 20260101
 EVAL_BATCH_SIZE = 1000  # evaluation has no backward pass: larger batches, same numbers
 # Keys that must match to resume: they change what the remaining epochs would compute.
-RESUME_KEYS = ("model", "loader", "epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_frac", "seed",
-               "aug", "val_split", "limit_train", "ema", "label_smoothing", "weight_decay", "momentum", "nesterov")
+RESUME_KEYS = (
+    "model",
+    "loader",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "schedule",
+    "warmup_frac",
+    "seed",
+    "aug",
+    "val_split",
+    "limit_train",
+    "ema",
+    "label_smoothing",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+)
 OUTPUT_FILES = ("metrics.json", "last.pt", "best.pt")
 
 
@@ -89,7 +106,7 @@ def load_data(cfg: TrainConfig, dist: Dist) -> tuple[np.ndarray, np.ndarray, np.
         if cfg.val_split >= len(train_x):
             raise ConfigError(f"--val-split {cfg.val_split} leaves no training images (the split has {len(train_x)})")
         order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(train_x))
-        held, kept = order[: cfg.val_split], np.sort(order[cfg.val_split:])
+        held, kept = order[: cfg.val_split], np.sort(order[cfg.val_split :])
         test_x, test_y, train_x, train_y = train_x[held], train_y[held], train_x[kept], train_y[kept]
         eval_name = "val"
     if cfg.limit_train:
@@ -160,8 +177,10 @@ def check_resumable(state: dict, cfg: TrainConfig, path: Path) -> None:
     saved = state["config"]
     diffs = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
     if diffs:
-        raise CheckpointError(f"{path}: was written with other settings ({'; '.join(diffs)}). Resume with the same "
-                              "flags, or start a new run in another --out.")
+        raise CheckpointError(
+            f"{path}: was written with other settings ({'; '.join(diffs)}). Resume with the same "
+            "flags, or start a new run in another --out."
+        )
     if state["epoch"] >= cfg.epochs:
         raise CheckpointError(f"{path}: that run already finished all {cfg.epochs} epochs; nothing to resume.")
 
@@ -195,8 +214,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     per_rank_batch = cfg.batch_size // dist.world_size
     shard = dict(rank=dist.rank, world_size=dist.world_size, device=device, workers=cfg.workers, seed=cfg.seed)
     train_loader = make_loader(cfg.loader, train_x, train_y, per_rank_batch, spec=spec, train=True, **shard)
-    eval_loader = make_loader(cfg.loader, eval_x, eval_y, min(EVAL_BATCH_SIZE, len(eval_x)), spec=spec, train=False,
-                              shuffle=False, **shard)
+    eval_loader = make_loader(
+        cfg.loader, eval_x, eval_y, min(EVAL_BATCH_SIZE, len(eval_x)), spec=spec, train=False, shuffle=False, **shard
+    )
 
     net = models.build(cfg.model).to(device)
     if cfg.channels_last:
@@ -206,11 +226,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     optimizer = make_optimizer(cfg, net)
     total_steps = cfg.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps, cfg.warmup_frac))
+        optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps, cfg.warmup_frac)
+    )
     ema = None
     if cfg.ema:
         ema = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+        )
 
     history: list[dict] = []
     start_epoch = 0
@@ -226,8 +248,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         history, start_epoch = state["history"], state["epoch"]
         log(dist, f"resuming {resume_from} after epoch {start_epoch}")
 
-    train_net: nn.Module = torch.compile(net, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) \
-        if cfg.compile else net
+    train_net: nn.Module = (
+        torch.compile(net, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile else net
+    )
     warmup_seconds = warm_up(train_net, net, cfg, device, train_loader, eval_loader, start_epoch)
     compile_seconds = warmup_seconds if cfg.compile else 0.0
     if dist.enabled:
@@ -239,8 +262,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         eval_net = train_net.module if dist.enabled else train_net
 
     n_params = models.count_params(net)
-    log(dist, f"{cfg.model}: {n_params:,} parameters | loader {cfg.loader} on {device} | {len(train_x):,} train, "
-              f"{len(eval_x):,} {eval_name} images | global batch {cfg.batch_size} x {dist.world_size} rank(s)")
+    log(
+        dist,
+        f"{cfg.model}: {n_params:,} parameters | loader {cfg.loader} on {device} | {len(train_x):,} train, "
+        f"{len(eval_x):,} {eval_name} images | global batch {cfg.batch_size} x {dist.world_size} rank(s)",
+    )
     env = environment(device, dist)
     writer = tensorboard_writer(cfg, out) if dist.is_main else None
     best = max((e[f"{eval_name}_acc"] for e in history), default=-1.0)
@@ -251,35 +277,66 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         bar = progress_bar(cfg, dist, epoch, len(train_loader))
         after_step = (lambda: ema.update_parameters(net)) if ema is not None else None
         stats = train_one_epoch(
-            train_net, _joined(train_loader, train_net, dist), optimizer, scheduler, device=device, epoch=epoch,
-            amp=cfg.amp, label_smoothing=cfg.label_smoothing, after_step=after_step,
-            progress=bar.update if bar else None)
+            train_net,
+            _joined(train_loader, train_net, dist),
+            optimizer,
+            scheduler,
+            device=device,
+            epoch=epoch,
+            amp=cfg.amp,
+            label_smoothing=cfg.label_smoothing,
+            after_step=after_step,
+            progress=bar.update if bar else None,
+        )
         if bar:
             bar.close()
         evaluated = evaluate(eval_net, eval_loader, device=device, amp=cfg.amp, tta=cfg.tta)
         train_seconds += stats["seconds"]
-        row = {"epoch": epoch + 1, **stats, f"{eval_name}_loss": evaluated["loss"],
-               f"{eval_name}_acc": evaluated["acc"], f"{eval_name}_images": evaluated["count"],
-               "lr": scheduler.get_last_lr()[0]}
+        row = {
+            "epoch": epoch + 1,
+            **stats,
+            f"{eval_name}_loss": evaluated["loss"],
+            f"{eval_name}_acc": evaluated["acc"],
+            f"{eval_name}_images": evaluated["count"],
+            "lr": scheduler.get_last_lr()[0],
+        }
         if dist.enabled:
             row["ranks_in_sync"] = ranks_in_sync(net)
         history.append(row)
-        log(dist, f"epoch {epoch + 1}/{cfg.epochs}: "
-                  f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%} | "
-                  f"{eval_name} loss {evaluated['loss']:.4f} acc {evaluated['acc']:.2%} "
-                  f"({evaluated['count']:,} images) | {stats['seconds']:.1f}s, {stats['img_per_s']:,.0f} img/s")
+        log(
+            dist,
+            f"epoch {epoch + 1}/{cfg.epochs}: "
+            f"train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%} | "
+            f"{eval_name} loss {evaluated['loss']:.4f} acc {evaluated['acc']:.2%} "
+            f"({evaluated['count']:,} images) | {stats['seconds']:.1f}s, {stats['img_per_s']:,.0f} img/s",
+        )
         if not dist.is_main:
             continue
-        metrics = {"recipe": cfg.recipe, "config": dataclasses.asdict(cfg), "env": env, "params": n_params,
-                   "eval_split": eval_name, "train_seconds": train_seconds, "compile_seconds": compile_seconds,
-                   "warmup_seconds": warmup_seconds,
-                   "epochs": history}
+        metrics = {
+            "recipe": cfg.recipe,
+            "config": dataclasses.asdict(cfg),
+            "env": env,
+            "params": n_params,
+            "eval_split": eval_name,
+            "train_seconds": train_seconds,
+            "compile_seconds": compile_seconds,
+            "warmup_seconds": warmup_seconds,
+            "epochs": history,
+        }
         save_json(metrics, out / "metrics.json")
-        checkpoint = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                      "epoch": epoch + 1, "config": dataclasses.asdict(cfg), "history": history,
-                      "rng": {"torch": torch.get_rng_state(),
-                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        checkpoint = {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch + 1,
+            "config": dataclasses.asdict(cfg),
+            "history": history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            },
+        }
         save_checkpoint(checkpoint, out / "last.pt")
         if row[f"{eval_name}_acc"] > best:
             best = row[f"{eval_name}_acc"]
@@ -292,13 +349,29 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         writer.close()
     if dist.is_main and history:
         last = history[-1]
-        log(dist, f"done: final {eval_name} accuracy {last[f'{eval_name}_acc']:.2%} (best {best:.2%}), "
-                  f"training {train_seconds:.1f}s over {len(history)} epochs -> {out}/metrics.json")
+        log(
+            dist,
+            f"done: final {eval_name} accuracy {last[f'{eval_name}_acc']:.2%} (best {best:.2%}), "
+            f"training {train_seconds:.1f}s over {len(history)} epochs -> {out}/metrics.json",
+        )
         from train.report import save_predictions, write_run_plots
 
-        ordered = eval_loader if not dist.enabled else make_loader(
-            cfg.loader, eval_x, eval_y, min(EVAL_BATCH_SIZE, len(eval_x)), spec=spec, train=False, shuffle=False,
-            device=device, workers=cfg.workers, seed=cfg.seed)
+        ordered = (
+            eval_loader
+            if not dist.enabled
+            else make_loader(
+                cfg.loader,
+                eval_x,
+                eval_y,
+                min(EVAL_BATCH_SIZE, len(eval_x)),
+                spec=spec,
+                train=False,
+                shuffle=False,
+                device=device,
+                workers=cfg.workers,
+                seed=cfg.seed,
+            )
+        )
         probabilities = predict(eval_net, ordered, device=device, amp=cfg.amp, tta=cfg.tta).numpy()
         save_predictions(out / "predictions.npz", eval_x, eval_y, probabilities)
         written = write_run_plots(out)
@@ -326,8 +399,15 @@ def _joined(loader, net: nn.Module, dist: Dist):  # noqa: ANN001, ANN202
         yield from loader
 
 
-def warm_up(train_net: nn.Module, net: nn.Module, cfg: TrainConfig, device: torch.device, train_loader,  # noqa: ANN001
-            eval_loader, epoch: int) -> float:  # noqa: ANN001
+def warm_up(
+    train_net: nn.Module,
+    net: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    train_loader,  # noqa: ANN001
+    eval_loader,
+    epoch: int,
+) -> float:  # noqa: ANN001
     """Run every shape the timed loop will see once, outside the timing: the first real training batch (forward
     and backward, no optimizer step), the last partial batch, and the evaluation batches. This is where CUDA and
     cuDNN pick kernels, lazy modules load, DALI allocates its buffers and torch.compile compiles; on the H200 it was
@@ -342,8 +422,9 @@ def warm_up(train_net: nn.Module, net: nn.Module, cfg: TrainConfig, device: torc
     shapes = [first]
     full, tail = divmod(train_loader.num_samples, len(first))
     if tail and len(train_loader) > full:  # the last, partial batch is another shape
-        shapes.append(first[:tail].clone(memory_format=torch.channels_last if cfg.channels_last else
-                                         torch.contiguous_format))
+        shapes.append(
+            first[:tail].clone(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        )
     train_net.train()
     for x in shapes:
         with autocast(device, cfg.amp):
