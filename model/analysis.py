@@ -1,4 +1,4 @@
-"""Receptive field and rule checks for the networks (used by the tests and printed by `python -m train`)."""
+"""Receptive field and rule checks for the networks (the model tests hold every registered net to them)."""
 
 from __future__ import annotations
 

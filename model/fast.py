@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model import register
+from model._registry import register_model
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -46,7 +46,7 @@ class SeparableResidual(nn.Module):
         return torch.relu(x + self.body(x))
 
 
-@register("dwres")
+@register_model("dwres")
 class DWResNet(nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128)):
         super().__init__()

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model._registry import register_model
 
+
+@register_model("seed")
 class SeedNet(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -14,7 +14,7 @@ PARAMS = {"seed": 190_880, "dwres": 187_882}
 
 
 def test_every_registered_net_has_a_pinned_count():
-    assert set(model.NAMES) == set(PARAMS)
+    assert set(model.model_names()) == set(PARAMS)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -60,3 +60,21 @@ def test_dwres_sees_the_whole_image_before_pooling():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'resnet50'"):
         model.build("resnet50")
+
+
+def test_registering_a_taken_name_is_refused():
+    from model._registry import register_model
+
+    with pytest.raises(ValueError, match="'seed' is registered twice"):
+        register_model("seed")(nn.Identity)
+    assert model.build("seed").__class__.__name__ == "SeedNet"  # the first registration still stands
+
+
+def test_late_registrations_are_listed():
+    from model._registry import _REGISTRY, register_model
+
+    register_model("probe-net")(nn.Identity)
+    try:
+        assert "probe-net" in model.model_names()
+    finally:
+        del _REGISTRY["probe-net"]

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.loader,
         help="dali: DALI pipeline (GPU operators on CUDA, CPU operators otherwise); cpu: albumentations + DataLoader",
     )
-    a("--model", default=d.model, help=f"network: one of {', '.join(model.NAMES)}")
+    a("--model", default=d.model, help=f"network: one of {', '.join(model.model_names())}")
     a("--epochs", type=int, default=d.epochs, help="training epochs")
     a(
         "--batch-size",
@@ -213,7 +213,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
         (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (cfg.model in model.NAMES, f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.NAMES)}"),
+        (cfg.model in model.model_names(), f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.model_names())}"),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is unknown; choose one of {', '.join(LOADERS)}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
