@@ -23,8 +23,9 @@ def register_model(name: str) -> Callable[[Factory], Factory]:
 
     def add(factory: Factory) -> Factory:
         if name in _REGISTRY:
-            raise ValueError(f"model name {name!r} is registered twice ({_REGISTRY[name].__qualname__} and "
-                             f"{factory.__qualname__})")
+            raise ValueError(
+                f"model name {name!r} is registered twice ({_REGISTRY[name].__qualname__} and {factory.__qualname__})"
+            )
         _REGISTRY[name] = factory
         return factory
 
