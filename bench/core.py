@@ -18,7 +18,7 @@ import model as models
 from pipeline import make_loader
 from train.config import TrainConfig
 from train.loop import autocast, sync, train_one_epoch
-from train.run import lr_factor, make_optimizer
+from train.optim import make_optimizer, make_scheduler
 
 
 @dataclass
@@ -105,7 +105,7 @@ def bench_loader(
 
 def _model_and_optimizer(model_name: str, device: torch.device, compile_model: bool):
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(TrainConfig(), net)
+    optimizer = make_optimizer(net, TrainConfig())
     return (torch.compile(net) if compile_model else net), net, optimizer
 
 
@@ -153,7 +153,7 @@ def bench_epoch(
         feed = _Repeat(x, y, steps)
     else:
         feed = loader_for(name, images, labels, batch_size, workers, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor("onecycle", s, 10**6, 0.2))
+    scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=10**6)
     args = dict(device=device, epoch=0, amp=True, label_smoothing=0.0)
     train_one_epoch(net, _Take(feed, 5), optimizer, scheduler, **args)  # warm-up
     result = Result("epoch", name or "model-only", batch_size, workers, len(images))

@@ -23,7 +23,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
-    warmup_frac: float = 0.2  # onecycle / linear: fraction of the steps spent rising to the peak
+    warmup_frac: float = 0.2  # fraction of the steps spent rising linearly to the peak (every schedule)
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
     tta: str = "none"  # "flip": average the logits of each test image and its mirror image
@@ -85,7 +85,7 @@ class ConfigError(ValueError):
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) and exit code 2."""
 
-    def error(self, message: str):  # noqa: ANN201
+    def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -123,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov, help="Nesterov momentum for SGD")
     a("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     a("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule, stepped every batch")
-    a("--warmup-frac", type=float, default=d.warmup_frac, help="onecycle/linear: fraction of steps warming up")
+    a(
+        "--warmup-frac",
+        type=float,
+        default=d.warmup_frac,
+        help="fraction of the steps warming up linearly to the peak lr",
+    )
     a("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing of the cross-entropy")
     a("--ema", type=float, default=d.ema, help="weight EMA decay per step for evaluation (0 = off)")
     a("--tta", choices=TTAS, default=d.tta, help="test-time augmentation: flip averages an image and its mirror")
@@ -213,7 +218,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
         (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (cfg.model in model.model_names(), f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.model_names())}"),
+        (
+            cfg.model in model.model_names(),
+            f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.model_names())}",
+        ),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is unknown; choose one of {', '.join(LOADERS)}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
