@@ -62,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="seed", help="network for the model and epoch measurements")
     p.add_argument("--compile", action="store_true", help="also measure the model step under torch.compile")
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        default=None,
+        choices=["eager", "graph"],
+        help="training steps for the model and epoch rows: eager, and/or graph = replayed as one CUDA graph "
+        "(train/step.py; CUDA only). Default: both on CUDA, eager on the CPU",
+    )
     p.add_argument("--images", type=int, default=50_000, help="images per epoch (synthetic uint8 data)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement")
     p.add_argument("--max-loader-batches", type=int, default=100, help="batches per timed loader repeat")
@@ -96,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and "dali-gpu" in loaders:
         print("error: dali-gpu needs a CUDA GPU", file=sys.stderr)
         return 2
+    steps = args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and "graph" in steps:
+        print("error: --steps graph needs a CUDA GPU (a CUDA graph replays GPU work)", file=sys.stderr)
+        return 2
     cores = default_workers()
     workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
     rng = np.random.default_rng(0)
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
         print(
             f"{row['what']:6s} {row['loader'] or 'model':11s} bs {row['batch_size']:5d} "
-            f"workers {row['workers'] if row['workers'] is not None else '-':>3} "
+            f"workers {row['workers'] if row['workers'] is not None else '-':>3} step {row['step'] or '-':5s} "
             f"{row['img_per_s']:12,.0f} img/s  [{row['img_per_s_min']:,.0f} .. {row['img_per_s_max']:,.0f}]"
             + (f"  epoch {row['epoch_s']:.2f}s" if row["epoch_s"] else ""),
             flush=True,
@@ -133,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for bs in args.batch_sizes:
         if "model" in args.what:
-            record(bench_model(args.model, bs, device, args.repeats, args.model_steps))
+            for kind in steps:
+                record(bench_model(args.model, bs, device, args.repeats, args.model_steps, graphed=kind == "graph"))
             if args.compile:
                 compiled = bench_model(args.model, bs, device, args.repeats, args.model_steps, compile_model=True)
                 compiled.loader = "model-compiled"
@@ -143,10 +156,18 @@ def main(argv: list[str] | None = None) -> int:
                 for w in workers if name == "cpu" else [cores]:
                     record(bench_loader(name, images, labels, bs, w, device, args.repeats, args.max_loader_batches))
         if "epoch" in args.what:
-            record(bench_epoch(None, args.model, images, labels, bs, None, device, args.repeats))
-            for name in loaders:
-                w = cores
-                record(bench_epoch(name, args.model, images, labels, bs, w, device, args.repeats))
+            for kind in steps:
+                record(
+                    bench_epoch(
+                        None, args.model, images, labels, bs, None, device, args.repeats, graphed=kind == "graph"
+                    )
+                )
+                for name in loaders:
+                    record(
+                        bench_epoch(
+                            name, args.model, images, labels, bs, cores, device, args.repeats, graphed=kind == "graph"
+                        )
+                    )
 
     from bench.plot import plot_report
 

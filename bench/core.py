@@ -17,8 +17,9 @@ import torch
 import model as models
 from pipeline import make_loader
 from train.config import TrainConfig
-from train.loop import autocast, sync, train_one_epoch
+from train.loop import sync, train_one_epoch
 from train.optim import make_optimizer, make_scheduler
+from train.step import TrainStep
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Result:
     workers: int | None
     images: int  # images per timed repeat
     seconds: list[float] = field(default_factory=list)
+    step: str | None = None  # "eager" | "graph" (train/step.py) for model and epoch rows; None for loaders alone
 
     def row(self) -> dict:
         median = statistics.median(self.seconds)
@@ -45,6 +47,7 @@ class Result:
             "epoch_s": median if self.what == "epoch" else None,
             "seconds": self.seconds,
             "repeats": len(self.seconds),
+            "step": self.step,
         }
 
 
@@ -103,30 +106,54 @@ def bench_loader(
     return result
 
 
-def _model_and_optimizer(model_name: str, device: torch.device, compile_model: bool):
+def training_step(
+    model_name: str, device: torch.device, *, total_steps: int, graphed: bool = False, compile_model: bool = False
+) -> TrainStep:
+    """The training step `python -m train` uses (train/step.py: bf16 autocast on CUDA, SGD with the default
+    config's settings, the onecycle schedule over `total_steps`), on a fresh channels_last `model_name`."""
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
-    return (torch.compile(net) if compile_model else net), net, optimizer
+    scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
+    return TrainStep(
+        torch.compile(net) if compile_model else net,
+        optimizer,
+        scheduler,
+        total_steps=total_steps,
+        label_smoothing=0.0,
+        amp=True,
+        device=device,
+        graphed=graphed,
+    )
 
 
 def bench_model(
-    model_name: str, batch_size: int, device: torch.device, repeats: int, steps: int, compile_model: bool = False
+    model_name: str,
+    batch_size: int,
+    device: torch.device,
+    repeats: int,
+    steps: int,
+    compile_model: bool = False,
+    graphed: bool = False,
 ) -> Result:
-    """Training steps per second on one batch already on the device: the ceiling any loader can reach."""
-    net, _, optimizer = _model_and_optimizer(model_name, device, compile_model)
+    """Training steps per second on one batch already on the device: the ceiling any loader can reach. `graphed`
+    replays the step as a CUDA graph (captured before the timing)."""
+    warmup = 5
+    step = training_step(
+        model_name, device, total_steps=warmup + repeats * steps, graphed=graphed, compile_model=compile_model
+    )
     x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
+    if graphed:
+        step.capture(x, y)
 
     def run(n: int) -> None:
         for _ in range(n):
-            with autocast(device, True):
-                loss = torch.nn.functional.cross_entropy(net(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(x, y)
 
-    run(5)
-    result = Result("model", None, batch_size, None, steps * batch_size)
+    step.net.train()
+    step.begin_epoch()
+    run(warmup)
+    result = Result("model", None, batch_size, None, steps * batch_size, step="graph" if graphed else "eager")
     for _ in range(repeats):
         result.seconds.append(timed(device, lambda: run(steps)))
     return result
@@ -142,23 +169,29 @@ def bench_epoch(
     device: torch.device,
     repeats: int,
     compile_model: bool = False,
+    graphed: bool = False,
 ) -> Result:
     """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`; name None feeds the model
-    the same number of batches from one tensor already on the device (the model-only epoch)."""
-    net, raw, optimizer = _model_and_optimizer(model_name, device, compile_model)
+    the same number of batches from one tensor already on the device (the model-only epoch). `graphed` replays the
+    step as a CUDA graph, as `python -m train --cuda-graph on` does."""
+    warmup = 5
     if name is None:
-        steps = -(-len(images) // batch_size)
         x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch_size,), device=device)
-        feed = _Repeat(x, y, steps)
+        feed = _Repeat(x, y, -(-len(images) // batch_size))
     else:
         feed = loader_for(name, images, labels, batch_size, workers, device)
-    scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=10**6)
-    args = dict(device=device, epoch=0, amp=True, label_smoothing=0.0)
-    train_one_epoch(net, _Take(feed, 5), optimizer, scheduler, **args)  # warm-up
-    result = Result("epoch", name or "model-only", batch_size, workers, len(images))
+    step = training_step(
+        model_name, device, total_steps=warmup + (repeats + 1) * len(feed), graphed=graphed, compile_model=compile_model
+    )
+    if graphed:
+        step.capture(*next(iter(feed)))
+    train_one_epoch(step, _Take(feed, warmup), epoch=0)  # warm-up
+    result = Result(
+        "epoch", name or "model-only", batch_size, workers, len(images), step="graph" if graphed else "eager"
+    )
     for _ in range(repeats):
-        result.seconds.append(train_one_epoch(net, feed, optimizer, scheduler, **args)["seconds"])
+        result.seconds.append(train_one_epoch(step, feed, epoch=0)["seconds"])
     return result
 
 

@@ -43,6 +43,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (fewest launches)
+    # Replay the training step as one CUDA graph (train/step.py): "on", "off", or "auto" = on wherever it can work
+    # (CUDA, SGD, one process, no torch.compile), off elsewhere.
+    cuda_graph: str = "off"
+    eval_every: int = 1  # evaluate after every N-th epoch; the last epoch is always evaluated
     sync_bn: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -68,6 +72,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "weight_decay": 5e-4,  # on conv/linear weights only
         "label_smoothing": 0.1,  # softer targets for a short schedule
         "tta": "flip",  # the net never learns left from right; averaging an image with its mirror is nearly free
+        "cuda_graph": "auto",  # the eager step is launch-bound on a fast GPU (train/step.py); off on the CPU
     },
 }
 
@@ -76,6 +81,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DEVICES = ("auto", "cuda", "cpu")
 TTAS = ("none", "flip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+CUDA_GRAPH = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -179,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile mode: reduce-overhead replays CUDA graphs, for launch-bound small nets",
     )
     a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks")
+    a(
+        "--cuda-graph",
+        choices=CUDA_GRAPH,
+        default=d.cuda_graph,
+        help="replay the training step as one CUDA graph: on, off, or auto (on where it can work: CUDA, SGD, one "
+        "process, no --compile; the fast recipe's setting)",
+    )
+    a("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs (the last epoch always)")
     a("--tensorboard", action="store_true", help="also log to <out>/tensorboard (needs the [tensorboard] extra)")
     a("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show the tqdm progress bar")
     return p
@@ -216,6 +230,12 @@ def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot work, before any work is done."""
     checks = [
         (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
+        (cfg.eval_every > 0, f"--eval-every must be > 0, got {cfg.eval_every}"),
+        (
+            cfg.cuda_graph != "on" or cfg.optimizer == "sgd",
+            "--cuda-graph on: the captured step implements SGD only; use --optimizer sgd or --cuda-graph off",
+        ),
+        (cfg.cuda_graph != "on" or not cfg.compile, "--cuda-graph on and --compile both capture the step; pick one"),
         (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (

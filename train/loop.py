@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Read the running loss/accuracy back from the GPU only this often: each read is a host-device sync.
+from train.step import Sums, TrainStep, autocast
+
+# Read the running loss/accuracy and the non-finite marker back from the device only this often: each read is a
+# host-device sync, which would stall the queue of launched work (and, with a CUDA graph, most of the speed).
 SYNC_EVERY = 25
 
 
@@ -19,100 +21,51 @@ class Diverged(RuntimeError):
     """The loss stopped being finite."""
 
 
-@dataclass
-class Sums:
-    """Loss, correct and count summed on the device, read back rarely."""
+class Progress(Protocol):
+    """What the epoch loop reports to (the tqdm bar in train/run.py)."""
 
-    loss: torch.Tensor
-    correct: torch.Tensor
-    count: torch.Tensor
+    def advance(self) -> None:
+        """One more batch was queued (called every batch; must not read the device)."""
 
-    @classmethod
-    def zeros(cls, device: torch.device) -> Sums:
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)))
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        n = y.numel()
-        self.loss += loss.detach().double() * n
-        self.correct += (logits.detach().argmax(1) == y).sum()
-        self.count += n
-
-    def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            packed = torch.stack([self.loss, self.correct, self.count])
-            torch.distributed.all_reduce(packed)
-            self.loss, self.correct, self.count = packed.unbind()
-
-    def means(self) -> tuple[float, float, int]:
-        count = max(int(self.count.item()), 1)
-        return self.loss.item() / count, self.correct.item() / count, int(self.count.item())
-
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    def show(self, loss: float, acc: float, img_per_s: float) -> None:
+        """The running numbers, at the sync points."""
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device to finish queued work (a no-op on the CPU): the edge of every timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    device: torch.device,
-    epoch: int,
-    amp: bool,
-    label_smoothing: float,
-    after_step: Callable[[], None] | None = None,
-    progress: Callable[[int, float, float, float], None] | None = None,
+    step: TrainStep, loader: Iterable, *, epoch: int, progress: Progress | None = None
 ) -> dict[str, float]:
-    """Train for one pass over `loader`. `progress(batch, loss, acc, img_per_s)` is called every SYNC_EVERY batches.
-
-    A non-finite loss raises Diverged naming the epoch and the first bad batch (found on the device, no per-batch sync).
-    """
-    model.train()
-    sums = Sums.zeros(device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    """Train for one pass over `loader`, one `step` per batch; returns train_loss, train_acc (a fraction), seconds,
+    img_per_s and images (summed over torchrun ranks). The progress bar advances every batch and its numbers are
+    refreshed every SYNC_EVERY batches. A non-finite loss raises Diverged naming the epoch and the first bad batch
+    (found on the device; read back at those same sync points)."""
+    device = step.device
+    step.net.train()
+    step.begin_epoch()
     sync(device)
     start = time.perf_counter()
-    batch = -1
     for batch, (x, y) in enumerate(loader):
-        with autocast(device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if after_step is not None:
-            after_step()
-        sums.add(loss, logits, y)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), batch, first_bad)
+        step(x, y)
+        if progress is not None:
+            progress.advance()
         if (batch + 1) % SYNC_EVERY == 0:
-            _check_finite(first_bad, epoch)
+            _check_finite(step.first_bad, epoch)
             if progress is not None:
-                loss_mean, acc, count = sums.means()
-                progress(batch + 1, loss_mean, acc, count / (time.perf_counter() - start))
-    _check_finite(first_bad, epoch)
+                loss, acc, count = step.sums.means()
+                progress.show(loss, acc, count / (time.perf_counter() - start))
+    _check_finite(step.first_bad, epoch)
     sync(device)
     seconds = time.perf_counter() - start
-    sums.all_reduce()
-    loss_mean, acc, count = sums.means()
+    step.sums.all_reduce()
+    loss, acc, count = step.sums.means()
     if progress is not None:
-        progress(batch + 1, loss_mean, acc, count / seconds)
-    return {
-        "train_loss": loss_mean,
-        "train_acc": acc,
-        "seconds": seconds,
-        "img_per_s": count / seconds,
-        "images": count,
-    }
+        progress.show(loss, acc, count / seconds)
+    return {"train_loss": loss, "train_acc": acc, "seconds": seconds, "img_per_s": count / seconds, "images": count}
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
@@ -134,24 +87,32 @@ def tta_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, amp: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp: bool, tta: str) -> dict[str, float]:
-    """Loss and accuracy over every image of `loader` (summed over ranks under torchrun). tta='flip' averages the
-    logits of each image and its mirror image."""
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    amp: bool,
+    tta: str,
+    keep_probabilities: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """Loss, accuracy (a fraction) and image count over every image of `loader`, summed over ranks under torchrun.
+    tta='flip' averages the logits of each image and its mirror image. With `keep_probabilities`, also
+    "probabilities": float32 [N, classes] softmax of every image in loader order, on the CPU (this rank's images)."""
     model.eval()
     sums = Sums.zeros(device)
+    kept = []
     for x, y in loader:
         logits = tta_logits(model, x, device=device, amp=amp, tta=tta)
         sums.add(F.cross_entropy(logits, y), logits, y)
+        if keep_probabilities:
+            kept.append(logits.softmax(1).cpu())
+        if progress is not None:
+            progress.advance()
     sums.all_reduce()
     loss, acc, count = sums.means()
-    return {"loss": loss, "acc": acc, "count": count}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, *, device: torch.device, amp: bool, tta: str) -> torch.Tensor:
-    """Class probabilities for every image of an unshuffled loader, in order (same TTA as evaluate)."""
-    model.eval()
-    out = []
-    for x, _ in loader:
-        out.append(tta_logits(model, x, device=device, amp=amp, tta=tta).softmax(1).cpu())
-    return torch.cat(out)
+    result: dict = {"loss": loss, "acc": acc, "count": count}
+    if keep_probabilities:
+        result["probabilities"] = torch.cat(kept) if kept else torch.empty(0)
+    return result

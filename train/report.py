@@ -30,7 +30,7 @@ WORST = 48  # images in misclassified.png
 
 
 def _eval_key(epochs: list[dict]) -> str:
-    return "val" if "val_acc" in epochs[0] else "test"
+    return "val" if any("val_acc" in e for e in epochs) else "test"
 
 
 def plot_curves(runs: list[Path], path: Path) -> None:
@@ -41,12 +41,16 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         x = [e["epoch"] for e in epochs]
         name = run.name if len(runs) > 1 else ""
         line = ax_loss.plot(x, [e["train_loss"] for e in epochs], "--", label=f"{name} train".strip())[0]
-        ax_loss.plot(x, [e[f"{ev}_loss"] for e in epochs], "-", color=line.get_color(), label=f"{name} {ev}".strip())
+        evaluated = [e for e in epochs if f"{ev}_acc" in e]  # with --eval-every, not every epoch is evaluated
+        x_eval = [e["epoch"] for e in evaluated]
+        ax_loss.plot(
+            x_eval, [e[f"{ev}_loss"] for e in evaluated], "-", color=line.get_color(), label=f"{name} {ev}".strip()
+        )
         ax_acc.plot(
             x, [100 * e["train_acc"] for e in epochs], "--", color=line.get_color(), label=f"{name} train".strip()
         )
         ax_acc.plot(
-            x, [100 * e[f"{ev}_acc"] for e in epochs], "-", color=line.get_color(), label=f"{name} {ev}".strip()
+            x_eval, [100 * e[f"{ev}_acc"] for e in evaluated], "-", color=line.get_color(), label=f"{name} {ev}".strip()
         )
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")

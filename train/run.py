@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +21,14 @@ from torch import nn
 import model as models
 from pipeline import make_loader
 from pipeline.data import download, load_cifar10, resolve_root
+from pipeline.order import epoch_indices
+from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig
 from train.dist import Dist, init_distributed, joined, log, ranks_in_sync
-from train.loop import autocast, evaluate, predict, sync, train_one_epoch, tta_logits
+from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
+from train.step import TrainStep, autocast
 
 # Images held out by --val-split are always the same ones (this seed), whatever --seed says, so that runs with
 # different seeds are compared on one validation set.
@@ -46,6 +51,7 @@ class Data:
     eval_x: np.ndarray
     eval_y: np.ndarray
     eval_name: str
+    root: Path  # the folder the data was read from, resolved (flag, $CIFAR10_ROOT or the default)
 
 
 @dataclass
@@ -77,53 +83,45 @@ def main(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, dist: Dist) -> dict:
     # setup: every check that can fail cheaply comes before the data is read
     device = resolve_device(cfg.device, dist)
+    if cfg.cuda_graph == "on" and cuda_graph_blockers(cfg, device, dist):
+        raise ConfigError(
+            f"--cuda-graph on cannot work here: {'; '.join(cuda_graph_blockers(cfg, device, dist))}. "
+            "Use --cuda-graph off or auto."
+        )
     out, resume_from = prepare_out(cfg, dist)
     saved = load_resumable(resume_from, cfg) if resume_from else None
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks")
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
-    train_loader = make_loader(
-        cfg.loader,
-        data.train_x,
-        data.train_y,
-        cfg.batch_size // dist.world_size,
-        spec=cfg.aug_spec(),
-        train=True,
-        **shard_settings(cfg, device, dist),
-    )
-    eval_loader = make_eval_loader(cfg, data, device, dist)
+    train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
     state = build_state(cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
     # resume
     if saved:
         restore(state, saved, device)
         log(dist, f"resuming {resume_from} after epoch {len(state.history)}")
-    # wrap: warm up outside the timing, then compile and DDP
-    train_net = torch.compile(state.net, mode=compile_mode(cfg)) if cfg.compile else state.net
-    warmup_seconds = warm_up(train_net, state.net, cfg, device, train_loader, eval_loader, len(state.history))
-    train_net, eval_net = wrap(train_net, state, cfg, device, dist)
-    log(
-        dist,
-        f"{cfg.model}: {models.count_params(state.net):,} parameters | loader {cfg.loader} on {device} | "
-        f"{len(data.train_x):,} train, {len(data.eval_x):,} {data.eval_name} images | "
-        f"global batch {cfg.batch_size} x {dist.world_size} rank(s)",
-    )
-    timings = {"warmup_seconds": warmup_seconds, "compile_seconds": warmup_seconds if cfg.compile else 0.0}
+    # wrap: compile, DDP and the training step; warm up every shape outside the timing (capturing the CUDA graph)
+    inner = torch.compile(state.net, mode=compile_mode(cfg)) if cfg.compile else state.net
+    train_net, eval_net = wrap(inner, state, cfg, device, dist)
+    step = make_step(train_net, state, cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
+    log(dist, describe_run(cfg, state, step, data, dist))
+    warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history))
+    run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds)
     writer = tensorboard_writer(cfg, out) if dist.is_main else None
-    metrics: dict = {}
+    metrics, probabilities = {}, None
     # epochs
     for epoch in range(len(state.history), cfg.epochs):
-        row = train_and_evaluate(
-            epoch, train_net, eval_net, state, cfg, device, dist, train_loader, eval_loader, data.eval_name
+        row, probabilities = train_and_evaluate(
+            epoch, step, eval_net, state, cfg, dist, train_loader, eval_loader, data
         )
         state.history.append(row)
         if dist.is_main:
-            metrics = record_epoch(state, cfg, device, dist, out, data.eval_name, timings, writer)
+            metrics = record_epoch(state, cfg, device, out, data.eval_name, run_info, writer)
     # finish
     if writer is not None:
         writer.close()
     if dist.is_main and state.history:
-        finish(state, eval_net, cfg, data, device, dist, out)
+        metrics = finish(state, metrics, probabilities, cfg, data, dist, out)
     return metrics
 
 
@@ -182,6 +180,7 @@ def load_resumable(path: Path, cfg: TrainConfig) -> dict:
 def load_data(cfg: TrainConfig, dist: Dist) -> Data:
     """Train and evaluation arrays; the evaluation split is the held-out validation set if --val-split is set."""
     root = resolve_root(cfg.data_dir)
+    log(dist, f"reading CIFAR-10 from {root}...")
     if cfg.download:
         if dist.is_main:
             download(root)
@@ -196,13 +195,26 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         train_x, train_y, test_x, test_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     if cfg.limit_train:
         train_x, train_y = train_x[: cfg.limit_train], train_y[: cfg.limit_train]
-    return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test")
+    return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
 def shard_settings(cfg: TrainConfig, device: torch.device, dist: Dist, *, sharded: bool = True) -> dict:
     """The loader settings shared by training and evaluation: this rank's shard (or all of it), device, seed."""
     rank, world_size = (dist.rank, dist.world_size) if sharded else (0, 1)
     return dict(rank=rank, world_size=world_size, device=device, workers=cfg.workers, seed=cfg.seed)
+
+
+def make_train_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Iterable:
+    """The training split, augmented by the AugSpec, reshuffled each epoch; this rank's shard of each global batch."""
+    return make_loader(
+        cfg.loader,
+        data.train_x,
+        data.train_y,
+        cfg.batch_size // dist.world_size,
+        spec=cfg.aug_spec(),
+        train=True,
+        **shard_settings(cfg, device, dist),
+    )
 
 
 def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist, *, sharded: bool = True):
@@ -285,40 +297,46 @@ def compile_mode(cfg: TrainConfig) -> str | None:
 
 
 def warm_up(
-    train_net: nn.Module,
+    step: TrainStep,
     net: nn.Module,
+    eval_net: nn.Module,
     cfg: TrainConfig,
-    device: torch.device,
-    train_loader,
-    eval_loader,
+    train_loader: Iterable,
+    eval_loader: Iterable,
     epoch: int,
 ) -> float:
-    """Run every shape the timed loop will see once, outside the timing: the first real training batch (forward
-    and backward, no optimizer step), the last partial batch, and the evaluation batches. This is where CUDA and
-    cuDNN pick kernels, lazy modules load, DALI allocates its buffers and torch.compile compiles; on the H200 it was
-    ~6 s of the first epoch. Weights, BatchNorm statistics and the random state are put back afterwards, so the run
-    computes exactly what it would have computed without it. Returns the seconds it took."""
+    """Run every shape the timed loop will see once, outside the timing: the first real training batch and the last,
+    partial one (forward and backward; with a CUDA-graph step, the full batch is captured instead), and the
+    evaluation batches. This is where CUDA and cuDNN pick kernels, lazy modules load, DALI allocates its buffers and
+    torch.compile compiles; on the H200 it was ~6 s of the first epoch. Weights, BatchNorm statistics, optimizer
+    state and the random state are put back afterwards, so the run computes exactly what it would have computed
+    without it. `net` is the network without DDP (under torchrun the ranks' last batches may differ, and a DDP
+    backward would wait for the others). Returns the seconds it took."""
+    device = step.device
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     rng = rng_state(device)
     sync(device)
     start = time.perf_counter()
     train_loader.set_epoch(epoch)
-    first = next(iter(train_loader))[0]
-    shapes = [first]
-    full, tail = divmod(train_loader.num_samples, len(first))
+    first_x, first_y = next(iter(train_loader))
+    shapes = [first_x]
+    full, tail = divmod(train_loader.num_samples, len(first_x))
     if tail and len(train_loader) > full:  # the last, partial batch is another shape
         layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        shapes.append(first[:tail].clone(memory_format=layout))
-    train_net.train()
+        shapes.append(first_x[:tail].clone(memory_format=layout))
+    if step.graphed:
+        step.capture(first_x, first_y)  # restores what its own warm-up steps changed
+        shapes = shapes[1:]
+    net.train()
     for x in shapes:
         with autocast(device, cfg.amp):
-            loss = train_net(x).float().logsumexp(1).mean()
+            loss = net(x).float().logsumexp(1).mean()
         loss.backward()
     net.zero_grad(set_to_none=True)
-    train_net.eval()
+    eval_net.eval()
     with torch.no_grad():
         for xb, _ in eval_loader:
-            tta_logits(train_net, xb, device=device, amp=cfg.amp, tta=cfg.tta)
+            tta_logits(eval_net, xb, device=device, amp=cfg.amp, tta=cfg.tta)
             if not cfg.compile:
                 break  # eager: one batch warms everything; compiled: every shape once
     sync(device)
@@ -327,19 +345,64 @@ def warm_up(
     return time.perf_counter() - start
 
 
+def describe_run(cfg: TrainConfig, state: RunState, step: TrainStep, data: Data, dist: Dist) -> str:
+    """The lines printed before the warm-up: what is trained on what, and what happens next."""
+    graph = step.graphed
+    return (
+        f"{cfg.model}: {models.count_params(state.net):,} parameters | loader {cfg.loader} on {step.device} | "
+        f"{'CUDA-graph' if graph else 'eager'} step | {len(data.train_x):,} train, {len(data.eval_x):,} "
+        f"{data.eval_name} images | global batch {cfg.batch_size} x {dist.world_size} rank(s)\n"
+        f"warming up (every batch shape once{', capturing the CUDA graph' if graph else ''}; not timed)..."
+    )
+
+
 def wrap(
-    train_net: nn.Module, state: RunState, cfg: TrainConfig, device: torch.device, dist: Dist
+    net: nn.Module, state: RunState, cfg: TrainConfig, device: torch.device, dist: Dist
 ) -> tuple[nn.Module, nn.Module]:
-    """(the module to train, the module to evaluate): DDP around the first under torchrun; the EMA copy, the
-    compiled net, or the plain net for the second."""
-    compiled = train_net
+    """(the module to train, the module to evaluate) for `net` (compiled or not): DDP around it under torchrun;
+    the EMA copy, or `net` itself, for evaluation."""
+    train_net = net
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_net = DDP(train_net, device_ids=[device.index] if device.type == "cuda" else None)
-    if state.ema is not None:
-        return train_net, state.ema.module
-    return train_net, compiled
+        train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_net, state.ema.module if state.ema is not None else net
+
+
+def cuda_graph_blockers(cfg: TrainConfig, device: torch.device, dist: Dist) -> list[str]:
+    """Why the training step cannot be captured as a CUDA graph here (empty: it can)."""
+    return [
+        why
+        for why, applies in (
+            ("it needs a CUDA device", device.type != "cuda"),
+            ("the captured step implements SGD only", cfg.optimizer != "sgd"),
+            ("torch.compile captures the step itself", cfg.compile),
+            # DDP's gradient all-reduce inside a captured graph is not something this project has tested
+            ("it is not tested under torchrun", dist.enabled),
+        )
+        if applies
+    ]
+
+
+def make_step(
+    train_net: nn.Module, state: RunState, cfg: TrainConfig, device: torch.device, dist: Dist, *, total_steps: int
+) -> TrainStep:
+    """The training step: replayed as a CUDA graph if `--cuda-graph` is on, or auto and nothing blocks it; else
+    eager. The weight EMA, if any, updates after every step (eagerly, with a host sync each step: AveragedModel
+    checks its counter on the host)."""
+    graphed = cfg.cuda_graph != "off" and not cuda_graph_blockers(cfg, device, dist)
+    after_step = (lambda: state.ema.update_parameters(state.net)) if state.ema is not None else None
+    return TrainStep(
+        train_net,
+        state.optimizer,
+        state.scheduler,
+        total_steps=total_steps,
+        label_smoothing=cfg.label_smoothing,
+        amp=cfg.amp,
+        device=device,
+        graphed=graphed,
+        after_step=after_step,
+    )
 
 
 # --- epochs ---------------------------------------------------------------------------------------------------------
@@ -347,87 +410,107 @@ def wrap(
 
 def train_and_evaluate(
     epoch: int,
-    train_net: nn.Module,
+    step: TrainStep,
     eval_net: nn.Module,
     state: RunState,
     cfg: TrainConfig,
-    device: torch.device,
     dist: Dist,
-    train_loader,
-    eval_loader,
-    eval_name: str,
-) -> dict:
-    """One epoch of training, then one evaluation: the epoch's metrics row (also printed)."""
+    train_loader: Iterable,
+    eval_loader: Iterable,
+    data: Data,
+) -> tuple[dict, np.ndarray | None]:
+    """One epoch of training, then (every --eval-every epochs, and after the last) one evaluation: the epoch's
+    metrics row (also printed), and on the last epoch the evaluation's class probabilities (rank 0: every image of
+    the evaluation split in order; None elsewhere)."""
+    eval_name = data.eval_name
     train_loader.set_epoch(epoch)
-    bar = progress_bar(cfg, dist, epoch, len(train_loader))
-    after_step = (lambda: state.ema.update_parameters(state.net)) if state.ema is not None else None
-    stats = train_one_epoch(
-        train_net,
-        joined(train_loader, train_net, dist),
-        state.optimizer,
-        state.scheduler,
-        device=device,
-        epoch=epoch,
-        amp=cfg.amp,
-        label_smoothing=cfg.label_smoothing,
-        after_step=after_step,
-        progress=bar.update if bar else None,
-    )
-    if bar:
-        bar.close()
-    evaluated = evaluate(eval_net, eval_loader, device=device, amp=cfg.amp, tta=cfg.tta)
-    row = {
-        "epoch": epoch + 1,
-        **stats,
-        f"{eval_name}_loss": evaluated["loss"],
-        f"{eval_name}_acc": evaluated["acc"],
-        f"{eval_name}_images": evaluated["count"],
-        "lr": state.scheduler.get_last_lr()[0],
-    }
+    with progress_bar(cfg, dist, f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as bar:
+        stats = train_one_epoch(step, joined(train_loader, step.net, dist), epoch=epoch, progress=bar)
+    row = {"epoch": epoch + 1, **stats, "lr": state.scheduler.get_last_lr()[0]}
     if dist.enabled:
         row["ranks_in_sync"] = ranks_in_sync(state.net)
-    log(
-        dist,
-        f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%} | "
-        f"{eval_name} loss {evaluated['loss']:.4f} acc {evaluated['acc']:.2%} ({evaluated['count']:,} images) "
-        f"| {stats['seconds']:.1f}s, {stats['img_per_s']:,.0f} img/s",
-    )
-    return row
+    summary = f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%}"
+    probabilities = None
+    last = epoch + 1 == cfg.epochs
+    if last or (epoch + 1) % cfg.eval_every == 0:
+        sync(step.device)
+        start = time.perf_counter()
+        with progress_bar(cfg, dist, f"evaluating on {eval_name}", len(eval_loader)) as bar:
+            evaluated = evaluate(
+                eval_net,
+                eval_loader,
+                device=step.device,
+                amp=cfg.amp,
+                tta=cfg.tta,
+                keep_probabilities=last,
+                progress=bar,
+            )
+        row.update(
+            {
+                f"{eval_name}_loss": evaluated["loss"],
+                f"{eval_name}_acc": evaluated["acc"],
+                f"{eval_name}_images": evaluated["count"],
+                "eval_seconds": time.perf_counter() - start,
+            }
+        )
+        summary += (
+            f" | {eval_name} loss {evaluated['loss']:.4f} acc {evaluated['acc']:.2%} ({evaluated['count']:,} images)"
+        )
+        if last:
+            probabilities = gather_in_order(evaluated["probabilities"], len(data.eval_x), dist)
+    log(dist, f"{summary} | {stats['seconds']:.1f}s, {stats['img_per_s']:,.0f} img/s")
+    return row, probabilities
+
+
+def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarray | None:
+    """float32 [n, classes] probabilities of the whole (unshuffled) evaluation split in order, on rank 0, from each
+    rank's shard (None on the other ranks). Without torchrun the one shard is already everything, in order."""
+    if not dist.enabled:
+        return probabilities.numpy()
+    shards: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(shards, probabilities.numpy())
+    if not dist.is_main:
+        return None
+    full = np.empty((n, probabilities.shape[1]), np.float32)
+    for rank, shard in enumerate(shards):
+        full[epoch_indices(n, seed=0, epoch=0, shuffle=False, rank=rank, world_size=dist.world_size)] = shard
+    return full
 
 
 def record_epoch(
     state: RunState,
     cfg: TrainConfig,
     device: torch.device,
-    dist: Dist,
     out: Path,
     eval_name: str,
-    timings: dict,
+    run_info: dict,
     writer: object | None,
 ) -> dict:
     """Rank 0, after each epoch: metrics.json, last.pt, best.pt (when the evaluation accuracy improved), tensorboard.
-    Returns the metrics written."""
+    `run_info` holds what is fixed for the run (env, resolved settings, warm-up time). Returns the metrics written."""
     history = state.history
     metrics = {
         "recipe": cfg.recipe,
         "config": dataclasses.asdict(cfg),
-        "env": environment(device, dist),
         "params": models.count_params(state.net),
         "eval_split": eval_name,
         "train_seconds": sum(e["seconds"] for e in history),
-        **timings,
+        "eval_seconds": sum(e.get("eval_seconds", 0.0) for e in history),
+        **run_info,
+        "wall_seconds": wall_seconds(),
         "epochs": history,
     }
     save_json(metrics, out / "metrics.json")
     checkpoint = checkpoint_contents(state, cfg, device)
     save_checkpoint(checkpoint, out / "last.pt")
-    accuracy = [e[f"{eval_name}_acc"] for e in history]
-    if accuracy[-1] > max(accuracy[:-1], default=-1.0):
+    key = f"{eval_name}_acc"
+    accuracy = [e[key] for e in history[:-1] if key in e]
+    if key in history[-1] and history[-1][key] > max(accuracy, default=-1.0):
         save_checkpoint(checkpoint, out / "best.pt")
     if writer is not None:
-        for key, value in history[-1].items():
-            if key != "epoch":
-                writer.add_scalar(key, value, len(history))
+        for name, value in history[-1].items():
+            if name != "epoch" and isinstance(value, int | float):
+                writer.add_scalar(name, value, len(history))
     return metrics
 
 
@@ -435,24 +518,77 @@ def record_epoch(
 
 
 def finish(
-    state: RunState, eval_net: nn.Module, cfg: TrainConfig, data: Data, device: torch.device, dist: Dist, out: Path
-) -> None:
-    """Rank 0, after the last epoch: the summary line, predictions.npz and the plots."""
+    state: RunState, metrics: dict, probabilities: np.ndarray, cfg: TrainConfig, data: Data, dist: Dist, out: Path
+) -> dict:
+    """Rank 0, after the last epoch: the summary line, predictions.npz (from the final evaluation's probabilities),
+    the plots, and metrics.json once more with the whole command's wall_seconds. Returns the final metrics."""
     from train.report import save_predictions, write_run_plots
 
     key = f"{data.eval_name}_acc"
-    last, best = state.history[-1][key], max(e[key] for e in state.history)
-    train_seconds = sum(e["seconds"] for e in state.history)
+    evaluated = [e[key] for e in state.history if key in e]
     log(
         dist,
-        f"done: final {data.eval_name} accuracy {last:.2%} (best {best:.2%}), training {train_seconds:.1f}s "
-        f"over {len(state.history)} epochs -> {out}/metrics.json",
+        f"done: final {data.eval_name} accuracy {evaluated[-1]:.2%} (best {max(evaluated):.2%}), training "
+        f"{metrics['train_seconds']:.1f}s over {len(state.history)} epochs -> {out}/metrics.json",
     )
-    ordered = make_eval_loader(cfg, data, device, dist, sharded=False)
-    probabilities = predict(eval_net, ordered, device=device, amp=cfg.amp, tta=cfg.tta).numpy()
+    log(dist, f"writing predictions.npz and the plots (curves, confusion, misclassified) to {out}...")
     save_predictions(out / "predictions.npz", data.eval_x, data.eval_y, probabilities)
     written = write_run_plots(out)
-    log(dist, f"plots: {', '.join(p.name for p in written)}")
+    metrics = {**metrics, "wall_seconds": wall_seconds()}
+    save_json(metrics, out / "metrics.json")
+    log(dist, f"plots: {', '.join(p.name for p in written)} | whole command {metrics['wall_seconds']:.1f}s")
+    return metrics
+
+
+def describe_for_metrics(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist, warmup_seconds: float) -> dict:
+    """The metrics.json fields fixed for the whole run: env, resolved settings, warm-up and compile seconds."""
+    return {
+        "env": environment(step.device, dist),
+        "resolved": resolved_settings(cfg, step, data, dist),
+        "warmup_seconds": warmup_seconds,
+        "compile_seconds": warmup_seconds if cfg.compile else 0.0,
+    }
+
+
+def resolved_settings(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist) -> dict[str, object]:
+    """What actually ran where the config leaves it open: the data folder, the device, whether bf16 autocast and the
+    CUDA graph were really on (both need CUDA), the torchrun world."""
+    return {
+        "data_dir": str(data.root),
+        "device": str(step.device),
+        "amp": cfg.amp and step.device.type == "cuda",
+        "cuda_graph": step.graphed,
+        "world_size": dist.world_size,
+        "per_rank_batch_size": cfg.batch_size // dist.world_size,
+    }
+
+
+def code_version() -> dict[str, str | None]:
+    """Which code ran: the package version, `git describe --always --dirty` when the source is a git checkout, and
+    a SHA-256 of the project's .py files (so a copy without git can be identified too)."""
+    import hashlib
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*/*.py")):
+        if path.parent.name in ("pipeline", "model", "train", "bench"):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        version = metadata.version("dali-cifar")
+    except metadata.PackageNotFoundError:
+        version = None
+    try:
+        git = (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    return {"package": version, "git": git, "source_sha256": digest.hexdigest()}
 
 
 def environment(device: torch.device, dist: Dist) -> dict[str, object]:
@@ -472,27 +608,32 @@ def environment(device: torch.device, dist: Dist) -> dict[str, object]:
         "cpu_count": os.cpu_count(),
         "world_size": dist.world_size,
         "hostname": platform.node(),
+        "code": code_version(),
     }
 
 
-def progress_bar(cfg: TrainConfig, dist: Dist, epoch: int, total: int):
-    """A tqdm bar over the epoch's batches on rank 0 (None with --no-progress or on other ranks)."""
+@contextlib.contextmanager
+def progress_bar(cfg: TrainConfig, dist: Dist, title: str, total: int) -> Iterator[Progress | None]:
+    """A tqdm bar over `total` batches on rank 0 (None with --no-progress or on other ranks): it advances every
+    batch (no device read) and shows loss, accuracy and img/s when the loop reads them (train.loop.SYNC_EVERY)."""
     if not (cfg.progress and dist.is_main):
-        return None
+        yield None
+        return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=title, unit="batch", leave=False, dynamic_ncols=True)
 
     class Bar:
-        def update(self, batch: int, loss: float, acc: float, img_per_s: float) -> None:
-            bar.n = batch
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1%}", img_s=f"{img_per_s:,.0f}", refresh=False)
-            bar.refresh()
+        def advance(self) -> None:
+            bar.update(1)
 
-        def close(self) -> None:
-            bar.close()
+        def show(self, loss: float, acc: float, img_per_s: float) -> None:
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1%}", img_s=f"{img_per_s:,.0f}")
 
-    return Bar()
+    try:
+        yield Bar()
+    finally:
+        bar.close()
 
 
 def tensorboard_writer(cfg: TrainConfig, out: Path):

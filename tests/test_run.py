@@ -1,0 +1,118 @@
+"""What a run records and says: metrics.json holds what actually ran, the run talks, evaluation every N epochs, the
+CUDA-graph step's refusals and its automatic choice, predictions from the final evaluation (not a second pass)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from test_cli import run_train, small_run_args
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    args = small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")
+    args.remove("--data-dir")
+    args.remove(tiny_cifar)  # the data folder comes from the environment, as many users set it
+    result = run_train(*args, env={"CIFAR10_ROOT": tiny_cifar})
+    assert result.returncode == 0, result.stderr
+    m = metrics_of(out)
+    assert m["config"]["data_dir"] is None  # what was asked ...
+    assert m["resolved"]["data_dir"] == str(Path(tiny_cifar).resolve())  # ... and what was used
+    assert m["resolved"]["amp"] is False and m["config"]["amp"] is True  # bf16 autocast needs CUDA
+    assert m["resolved"]["cuda_graph"] is False and m["resolved"]["device"] == "cpu"
+    assert re.fullmatch(r"[0-9a-f]{64}", m["env"]["code"]["source_sha256"])
+    assert m["env"]["code"]["package"] == "0.1.0"
+    assert m["eval_seconds"] > 0 and m["epochs"][0]["eval_seconds"] > 0
+    # wall_seconds is the whole command: at least training, warm-up and evaluation together
+    assert m["wall_seconds"] >= m["train_seconds"] + m["warmup_seconds"] + m["eval_seconds"]
+
+
+@pytest.mark.slow
+def test_a_run_says_what_it_is_doing(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1"))
+    assert result.returncode == 0, result.stderr
+    said = result.stdout
+    for phrase in ("reading CIFAR-10 from", "warming up", "eager step", "writing predictions.npz", "whole command"):
+        assert phrase in said, phrase
+    assert said.index("reading CIFAR-10") < said.index("warming up") < said.index("epoch 1/1:")
+
+
+@pytest.mark.slow
+def test_progress_bar_moves_every_batch(tiny_cifar, tmp_path):
+    """5 batches an epoch, fewer than the 25 between device reads: the bar still shows each one."""
+    args = small_run_args(tiny_cifar, tmp_path / "run", "--loader", "cpu", "--epochs", "1")
+    args[args.index("--no-progress")] = "--progress"
+    result = run_train(*args)
+    assert result.returncode == 0, result.stderr
+    for done in range(1, 6):
+        assert f"| {done}/5 [" in result.stderr, f"the bar never showed {done}/5"
+    assert "evaluating on test" in result.stderr  # evaluation has a bar too
+
+
+@pytest.mark.slow
+def test_eval_every_skips_epochs_but_never_the_last(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "3", "--eval-every", "2"))
+    assert result.returncode == 0, result.stderr
+    epochs = metrics_of(out)["epochs"]
+    assert ["test_acc" in e for e in epochs] == [False, True, True]
+    assert (out / "best.pt").exists() and (out / "curves.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on cannot work here: it needs a CUDA device"),
+        (["--cuda-graph", "on", "--optimizer", "adamw"], "the captured step implements SGD only"),
+        (["--cuda-graph", "on", "--compile"], "--cuda-graph on and --compile both capture the step"),
+        (["--eval-every", "0"], "--eval-every must be > 0"),
+    ],
+)
+def test_cuda_graph_refusals_come_before_any_work(tmp_path, args, message):
+    result = run_train(*args, "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir", "/nonexistent")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fast_recipe_on_the_cpu_runs_eagerly(tiny_cifar, tmp_path):
+    out = tmp_path / "fast"
+    result = run_train(*small_run_args(tiny_cifar, out, "--recipe", "fast", "--loader", "cpu", "--epochs", "1"))
+    assert result.returncode == 0, result.stderr
+    m = metrics_of(out)
+    assert m["config"]["cuda_graph"] == "auto" and m["resolved"]["cuda_graph"] is False
+
+
+def test_predictions_come_from_the_final_evaluation(tiny_cifar, tmp_path, monkeypatch):
+    """One pass over the evaluation split per evaluation: the final one's probabilities become predictions.npz."""
+    import numpy as np
+
+    import train.run
+    from train.config import parse_config
+
+    calls = []
+    real = train.run.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("keep_probabilities", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.run, "evaluate", counting)
+    out = tmp_path / "run"
+    metrics = train.run.main(parse_config(small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "2")))
+    assert calls == [False, True]  # one evaluation per epoch, no extra pass for the predictions
+    predictions = np.load(out / "predictions.npz")
+    accuracy = float((predictions["predicted"] == predictions["labels"]).mean())
+    assert accuracy == pytest.approx(metrics["epochs"][-1]["test_acc"])
+    assert metrics["wall_seconds"] >= metrics["train_seconds"]
