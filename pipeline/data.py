@@ -3,8 +3,8 @@
 The pickles are read here rather than through torchvision's CIFAR10 class because that class refuses any copy whose
 checksums differ from the official archive (a re-encoded or re-packed copy, for instance), and its plain pickle.load
 would run whatever code a crafted file holds. Here every batch pickled by Python 2 or 3 at any protocol is read
-exactly and anything else is refused in one line, in bounded time and memory. Only the optional `--download` uses
-torchvision, to fetch and md5-verify the official archive.
+exactly and anything else is refused in one line, in bounded time and memory. torchvision's utilities fetch,
+md5-verify and extract the official archive (`--download`, or the archive found in the data folder).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import math
 import os
 import pickle
 import pickletools
+import shutil
 import stat
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,8 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 DEFAULT_ROOT = "~/data/cifar10"  # the seed's default
 ENV_VAR = "CIFAR10_ROOT"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE = "cifar-10-python.tar.gz"
+ARCHIVE_MB = 170  # 170,498,071 bytes
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 
@@ -49,6 +53,7 @@ def resolve_root(data_dir: str | os.PathLike | None) -> Path:
 _ACCESS_NEEDED = {
     "read": "read access to the data files and read and search (x) access to their folders "
     "(e.g. chmod -R a+rX on the data folder), or a copy of the data somewhere readable",
+    "write": "write access to that folder to download or extract CIFAR-10 there; choose another --data-dir",
 }
 
 
@@ -93,21 +98,92 @@ def find_batches_dir(root: str | os.PathLike) -> Path:
     )
 
 
-def download(root: str | os.PathLike) -> Path:
-    """Fetch and md5-verify the official archive into `root` unless a copy is already there (never overwrites)."""
-    root = Path(root).expanduser()
-    try:
-        return find_batches_dir(root)
-    except DataError:
-        pass
-    from torchvision.datasets.utils import download_and_extract_archive
+def _archive_parent(root: Path) -> Path:
+    """`root` itself may be the official archive; the data then goes beside it."""
+    return root.parent if root.name == ARCHIVE and root.is_file() else root
 
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        download_and_extract_archive(URL, download_root=str(root), md5=ARCHIVE_MD5)
-    except Exception as err:  # network errors come in many types; the user needs one line
-        raise DataError(f"{URL}: download failed ({err}). Download it by hand and pass --data-dir.") from err
+
+def extract_official_archive(archive: str | os.PathLike) -> Path:
+    """Verify the official archive's md5 and extract it beside itself (torchvision's utilities); returns the folder.
+
+    The extraction goes to a temporary folder first and is renamed into place, so an interrupted one leaves no
+    half-filled `cifar-10-batches-py/`; a copy extracted meanwhile by another process (a torchrun rank) is kept.
+    Raises DataError on an md5 mismatch or a file-system error (permission, disk full).
+    """
+    from torchvision.datasets.utils import calculate_md5
+    from torchvision.datasets.utils import extract_archive as extract
+
+    archive = Path(archive)
+    root = archive.parent
+    with _os_errors(archive, "read"):
+        digest = calculate_md5(archive)
+    if digest != ARCHIVE_MD5:
+        raise DataError(
+            f"{archive}: md5 {digest}, the official archive's is {ARCHIVE_MD5}: the file is damaged or not the python "
+            f"version of CIFAR-10. Delete it and download {URL} again (or use --download)."
+        )
+    print(f"extracting {archive} (md5 verified) into {root / FOLDER}", flush=True)
+    with _os_errors(root, "write"):
+        scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=root))
+        try:
+            extract(archive, scratch)
+            try:
+                (scratch / FOLDER).rename(root / FOLDER)
+            except OSError:
+                if not (root / FOLDER).is_dir():  # not another process's finished copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return root / FOLDER
+
+
+def _find_or_extract(root: Path) -> Path:
+    """find_batches_dir, except that a folder holding only the official archive gets it verified and extracted."""
+    with _os_errors(root, "read"):
+        root = _archive_parent(root)
+        archive_only = _batches_dir(root) is None and (root / ARCHIVE).is_file()
+    if archive_only:
+        extract_official_archive(root / ARCHIVE)
     return find_batches_dir(root)
+
+
+def download(root: str | os.PathLike) -> Path:
+    """Fetch, md5-verify and extract the official archive into `root` unless the data or the archive is there.
+
+    Never overwrites: an extracted copy is used as it is, an archive already in `root` is verified and extracted. The
+    download goes to `cifar-10-python.tar.gz.part`, renamed when complete and verified; a failed one leaves neither
+    that file nor any folder this call created. Raises DataError (one line saying what to do without network).
+    """
+    from torchvision.datasets.utils import download_url
+
+    root = Path(root).expanduser()
+    with _os_errors(root, "write"):
+        root = _archive_parent(root)
+        if _batches_dir(root) is not None or (root / ARCHIVE).is_file():
+            return _find_or_extract(root)
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{root}: a file, not a folder. Point --data-dir at a folder to download CIFAR-10 into.")
+        created = [folder for folder in (root, *root.parents) if not folder.exists()]
+        root.mkdir(parents=True, exist_ok=True)
+    part = root / f"{ARCHIVE}.part"
+    print(f"downloading {URL} ({ARCHIVE_MB} MB) into {root}", flush=True)
+    try:
+        download_url(URL, str(root), filename=part.name, md5=ARCHIVE_MD5)
+        part.rename(root / ARCHIVE)
+    except BaseException as err:  # network errors come in many types; KeyboardInterrupt cleans up too
+        part.unlink(missing_ok=True)
+        for folder in created:  # deepest first; rmdir removes only empty folders, never anything of the user's
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if not isinstance(err, Exception):
+            raise
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise DataError(
+            f"{URL}: download failed ({type(err).__name__}: {reason}). Without network access, download {URL} by hand "
+            f"({ARCHIVE_MB} MB, md5 {ARCHIVE_MD5}) and put {ARCHIVE} in {root} (it is verified and extracted on the "
+            f"next run), or extract it there yourself: tar -xzf {ARCHIVE} -C {root}"
+        ) from None
+    return _find_or_extract(root)
 
 
 def load_cifar10(
@@ -115,12 +191,13 @@ def load_cifar10(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return (train_x, train_y, test_x, test_y): uint8 NHWC [N,32,32,3] images and int64 labels in 0..9.
 
-    `root` is the folder holding `cifar-10-batches-py/` or that folder itself. Every batch is read
+    `root` is the folder holding `cifar-10-batches-py/`, that folder itself, or a folder holding only the official
+    `cifar-10-python.tar.gz` (verified and extracted first; the archive's own path works too). Every batch is read
     exactly or refused with a DataError naming the file and what is wrong (see `_read_batch`), in bounded time and
     memory. `allow_small` accepts splits smaller than 50,000/10,000 (tests build tiny copies); the full sizes are
     required otherwise, so a half-copied dataset is caught before training on it.
     """
-    folder = find_batches_dir(root)
+    folder = _find_or_extract(Path(root).expanduser())
     train = [_read_batch(folder / name) for name in TRAIN_FILES]
     train_x = np.concatenate([x for x, _ in train])
     train_y = np.concatenate([y for _, y in train])

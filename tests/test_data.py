@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import os
 import pickle
@@ -10,6 +11,10 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +22,13 @@ import pytest
 
 import pipeline.data
 from pipeline.data import (
+    ARCHIVE,
     FOLDER,
     TEST_FILE,
     TRAIN_FILES,
+    URL,
     DataError,
+    download,
     find_batches_dir,
     load_cifar10,
     resolve_root,
@@ -453,3 +461,112 @@ def test_permission_denied_on_open_says_so(copy, monkeypatch):
     monkeypatch.setattr(pipeline.data, "open", refuse, raising=False)
     message = _error(copy.parent)
     assert "data_batch_1: permission denied" in message and "corrupt" not in message
+
+
+# ---- the official archive and --download -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def archive(tiny_cifar, tmp_path, monkeypatch) -> Path:
+    """A small stand-in for cifar-10-python.tar.gz; ARCHIVE_MD5 is patched to its md5."""
+    path = tmp_path / "data" / ARCHIVE
+    path.parent.mkdir()
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(Path(tiny_cifar) / FOLDER, arcname=FOLDER)
+    monkeypatch.setattr(pipeline.data, "ARCHIVE_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    return path
+
+
+@pytest.fixture()
+def offline(monkeypatch) -> None:
+    def no_network(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+
+
+@pytest.mark.parametrize("given", ["folder", "archive"])
+def test_a_folder_holding_the_archive_is_verified_and_extracted(archive, tiny_cifar, capsys, offline, given):
+    root = archive.parent if given == "folder" else archive
+    train_x, train_y, test_x, test_y = load_cifar10(root, allow_small=True)
+    want = load_cifar10(tiny_cifar, allow_small=True)
+    for got, expected in zip((train_x, train_y, test_x, test_y), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line == f"extracting {archive} (md5 verified) into {archive.parent / FOLDER}"
+    assert {p.name for p in archive.parent.iterdir()} == {ARCHIVE, FOLDER}  # no scratch folder left
+    load_cifar10(root, allow_small=True)
+    assert capsys.readouterr().out == ""  # extracted once
+
+
+@pytest.mark.parametrize("call", ["load", "download"])
+def test_an_archive_with_the_wrong_md5_is_one_line_and_kept(archive, monkeypatch, offline, call):
+    monkeypatch.setattr(pipeline.data, "ARCHIVE_MD5", "0" * 32)
+    before = archive.read_bytes()
+    with pytest.raises(DataError) as info:
+        load_cifar10(archive.parent, allow_small=True) if call == "load" else download(archive.parent)
+    message = str(info.value)
+    assert f"{archive}: md5 " in message and "0" * 32 in message and URL in message and "\n" not in message
+    assert archive.read_bytes() == before and not (archive.parent / FOLDER).exists()
+
+
+def test_download_uses_an_archive_already_there(archive, offline):
+    assert download(archive.parent) == archive.parent / FOLDER
+
+
+def test_failed_download_says_what_to_do_and_leaves_nothing(tmp_path, offline):
+    root = tmp_path / "new" / "cifar10"
+    with pytest.raises(DataError) as info:
+        download(root)
+    message = str(info.value)
+    assert "download failed" in message and "Temporary failure in name resolution" in message
+    assert f"put {ARCHIVE} in {root}" in message and f"tar -xzf {ARCHIVE} -C {root}" in message and URL in message
+    assert list(tmp_path.iterdir()) == []  # neither the folders it created nor a partial archive
+
+
+class _Response(io.BytesIO):
+    """What urlopen returns, serving `body`; the connection drops after `fail_after` bytes if given."""
+
+    def __init__(self, body: bytes, url: str, fail_after: int | None = None) -> None:
+        super().__init__(body)
+        self.url, self.length, self.fail_after = url, len(body), fail_after
+
+    def read(self, size: int = -1) -> bytes:
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size)
+
+
+@pytest.mark.parametrize("outcome", ["dropped", "complete"])
+def test_download_through_torchvision(archive, tmp_path, monkeypatch, capsys, outcome):
+    body = archive.read_bytes()
+    fail_after = len(body) // 2 if outcome == "dropped" else None
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda request, *a, **k: _Response(body, request.full_url, fail_after)
+    )
+    root = tmp_path / "fresh"
+    if outcome == "dropped":
+        with pytest.raises(DataError, match="Connection reset by peer"):
+            download(root)
+        assert not root.exists()  # no partial archive, no empty folder
+        return
+    assert download(root) == root / FOLDER
+    assert {p.name for p in root.iterdir()} == {ARCHIVE, FOLDER}
+    assert f"downloading {URL}" in capsys.readouterr().out
+    assert load_cifar10(root, allow_small=True)[0].shape == (300, 32, 32, 3)
+
+
+def test_download_into_a_file_is_one_line(tmp_path, offline):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="a file, not a folder"):
+        download(tmp_path / "notes.txt")
+
+
+def test_extracting_where_writing_is_denied_says_so(archive, monkeypatch):
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002, ANN002, ANN003, ANN202, ANN001
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(DataError) as info:
+        load_cifar10(archive.parent, allow_small=True)
+    assert f"{archive.parent}: permission denied" in str(info.value) and "write access" in str(info.value)
