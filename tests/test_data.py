@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import io
 import os
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.data import DataError, find_batches_dir, load_cifar10, resolve_root, write_cifar10
+import pipeline.data
+from pipeline.data import (
+    ARCHIVE,
+    FOLDER,
+    TEST_FILE,
+    TRAIN_FILES,
+    URL,
+    DataError,
+    download,
+    find_batches_dir,
+    load_cifar10,
+    resolve_root,
+    write_cifar10,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reads_arrays_in_nhwc(tiny_cifar):
@@ -51,9 +76,13 @@ def copy(tiny_cifar, tmp_path) -> Path:
     return tmp_path / "cifar-10-batches-py"
 
 
-def _rewrite(path: Path, changes: dict) -> None:
+def _raw(path: Path) -> dict:
     with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+        return pickle.load(f, encoding="bytes")
+
+
+def _rewrite(path: Path, changes: dict) -> None:
+    batch = _raw(path)
     batch.update(changes)
     with open(path, "wb") as f:
         pickle.dump(batch, f)
@@ -135,3 +164,409 @@ def test_reading_writes_nothing(tiny_cifar):
     load_cifar10(tiny_cifar, allow_small=True)
     after = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
     assert before == after
+
+
+# ---- every valid encoding is read exactly ----------------------------------------------------------------------------
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote, as in the official files: every str and bytes as a Python 2 str (the
+    STRING opcodes, read back as bytes with encoding="bytes") and numpy's globals under `numpy.core`."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_python2_str(self, obj: str | bytes) -> None:
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if self.proto == 0:
+            self.write(pickle.STRING + b"'" + codecs.escape_encode(raw)[0] + b"'\n")
+        elif len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_python2_str
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        module = pickle.whichmodule(obj, obj.__qualname__).replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+ENCODINGS = [f"python3-protocol{p}" for p in range(6)] + ["python2-protocol0", "python2-protocol2"]
+
+
+def _dump(obj: object, encoding: str) -> bytes:
+    writer, protocol = encoding.split("-protocol")
+    if writer == "python3":
+        return pickle.dumps(obj, protocol=int(protocol))
+    out = io.BytesIO()
+    _Python2Pickler(out, int(protocol)).dump(obj)
+    return out.getvalue()
+
+
+LABEL_FORMS = {
+    "list": lambda y: [int(v) for v in y],
+    "int64-array": lambda y: np.asarray(y, np.int64),
+    "uint8-array": lambda y: np.asarray(y, np.uint8),
+    "numpy-scalars": lambda y: [np.int64(v) for v in y],
+}
+
+
+@pytest.mark.parametrize("labels_as", LABEL_FORMS)
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_every_pickle_protocol_and_python2_is_read_exactly(copy, encoding, labels_as):
+    expected = load_cifar10(copy.parent, allow_small=True)
+    for name in [*TRAIN_FILES, TEST_FILE]:
+        batch = _raw(copy / name)
+        batch[b"labels"] = LABEL_FORMS[labels_as](batch[b"labels"])
+        batch[b"filenames"] = [f"image_{i:06d}.png".encode() for i in range(len(batch[b"data"]))]  # as official
+        blob = _dump(batch, encoding)
+        assert (b"_codecs" in blob) == (encoding in ("python3-protocol0", "python3-protocol1", "python3-protocol2"))
+        (copy / name).write_bytes(blob)
+    for want, got in zip(expected, load_cifar10(copy.parent, allow_small=True), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+# ---- everything else is refused in one line --------------------------------------------------------------------------
+
+
+def _uint8_with_a_field() -> np.dtype:
+    """A dtype that compares equal to uint8 but carries a field, as a crafted pickle state can make one."""
+    dtype = np.dtype("u1", False, True)
+    dtype.__setstate__((3, "|", None, ("a",), {"a": (np.dtype("u1"), 0)}, -1, -1, 0))
+    return dtype
+
+
+N = 60  # images in each train batch of tiny_cifar
+BAD_BATCHES = {
+    "labels-text": ({b"labels": ["6"] * N}, "label 0 is the text '6'"),
+    "labels-none": ({b"labels": [None] * N}, "label 0 is None"),
+    "labels-float": ({b"labels": [3] * (N - 1) + [6.7]}, f"label {N - 1} is 6.7 (a float)"),
+    "labels-whole-float": ({b"labels": [6.0] * N}, "label 0 is 6.0 (a float)"),
+    "labels-bool": ({b"labels": [True] * N}, "label 0 is True (a bool)"),
+    "labels-beyond-int64": ({b"labels": [3] * (N - 1) + [2**70]}, "outside 0..9 (e.g. an integer of 71 bits)"),
+    "labels-below-int64": ({b"labels": [-(2**64)] + [3] * (N - 1)}, "outside 0..9 (e.g. an integer of 65 bits)"),
+    "labels-nested": ({b"labels": [[3]] * N}, "label 0 is a list"),
+    "labels-float-array": ({b"labels": np.full(N, 6.7)}, "'labels' is a float64 array"),
+    "labels-bool-array": ({b"labels": np.ones(N, bool)}, "'labels' is a bool array"),
+    "labels-column-array": ({b"labels": np.zeros((N, 1), np.int64)}, "'labels' has shape (60, 1)"),
+    "labels-0d-array": ({b"labels": np.array(5)}, "'labels' has shape ()"),
+    "labels-string": ({b"labels": "0123"}, "'labels' is a str"),
+    "labels-dict": ({b"labels": {1: 2}}, "'labels' is a dict"),
+    "data-list": ({b"data": [[0] * 3072] * N}, "'data' is a list"),
+    "data-same-bytes-other-dtype": ({b"data": np.zeros((N, 1536), np.uint16)}, "dtype uint16"),
+    "data-dtype-with-a-field": ({b"data": np.zeros((N, 3072), _uint8_with_a_field())}, "refusing"),
+    "data-object-array": ({b"data": np.zeros((N, 3072), object)}, "refusing"),
+    "too-many-images": ({b"data": np.zeros((10_001, 3072), np.uint8), b"labels": [0] * 10_001}, "at most 10,000"),
+    "key-not-utf8": ({b"\xff\xfedata": 1}, "the key b'\\xff\\xfedata' is not UTF-8"),
+    "key-twice": ({"labels": [0] * N}, "the key 'labels' appears twice"),
+    "key-not-text": ({7: 1}, "a key is a int"),
+    "set-inside": ({b"filenames": {b"a.png"}}, "opcode EMPTY_SET"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BATCHES)
+def test_a_bad_batch_is_one_clear_line(copy, case):
+    changes, expected = BAD_BATCHES[case]
+    _rewrite(copy / "data_batch_1", changes)
+    message = _error(copy.parent)
+    assert "data_batch_1" in message and expected in message and "\n" not in message
+
+
+class _Call:
+    """Pickles as the call func(*args): how a pickle runs code."""
+
+    def __init__(self, func: object, *args: object) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple:
+        return self.func, self.args
+
+
+class _Plain:
+    pass
+
+
+_reconstruct = np._core.multiarray._reconstruct
+_frombuffer = np._core.numeric._frombuffer
+MALICIOUS = {
+    "os.system": _Call(os.system, "echo pwned"),
+    "eval": _Call(eval, "__import__('os').system('echo pwned')"),
+    "getattr": _Call(getattr, 1, "__class__"),
+    "numpy-load": _Call(np.load, "/etc/passwd"),
+    "numpy-frombuffer": _Call(np.frombuffer, b"\x00" * 8),
+    "codecs-decode": _Call(codecs.decode, b"x\x9c\x03\x00\x00\x00\x00\x01", "zlib"),
+    "codecs-encode-other-codec": _Call(codecs.encode, "abc", "rot13"),
+    "bytes-of-a-size": _Call(bytes, 10**9),
+    "plain-object": _Plain(),
+    "reconstruct-huge": _Call(_reconstruct, np.ndarray, (2**50,), b"b"),
+    "reconstruct-other-type": _Call(_reconstruct, np.ma.MaskedArray, (0,), b"b"),
+    "frombuffer-object-dtype": _Call(_frombuffer, b"\x00" * 8, np.dtype(object), (1,), "C"),
+}
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("case", MALICIOUS)
+def test_pickles_that_run_code_are_refused(copy, case, protocol):
+    (copy / "data_batch_1").write_bytes(pickle.dumps({b"data": MALICIOUS[case], b"labels": []}, protocol=protocol))
+    message = _error(copy.parent)
+    assert "data_batch_1" in message and "refusing" in message and "\n" not in message
+
+
+def test_class_instantiating_opcodes_are_refused(copy):
+    (copy / "test_batch").write_bytes(
+        b"(S'echo pwned'\nios\nsystem\n."
+    )  # INST: how protocol 0 builds old-style classes
+    assert "opcode INST" in _error(copy.parent)
+
+
+# ---- bounded time and memory -----------------------------------------------------------------------------------------
+
+_READER = """
+import importlib.util, os, resource, sys
+spec = importlib.util.spec_from_file_location("cifar_data", sys.argv[1])
+data = sys.modules["cifar_data"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(data)
+extra = int(sys.argv[3])
+if extra:  # address space: what the interpreter and numpy already take, plus `extra` bytes
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra, used + extra))
+try:
+    data.load_cifar10(sys.argv[2], allow_small=True)
+except data.DataError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+print("read")
+"""
+
+
+def _read_in_subprocess(root: Path, memory: int = 0, prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    """load_cifar10 in a fresh interpreter that loads only pipeline/data.py (numpy, no torch), given `memory` bytes
+    of address space beyond what it has after its imports (0: no limit), within 60 s."""
+    reader = [sys.executable, "-c", _READER, str(ROOT / "pipeline" / "data.py"), str(root), str(memory)]
+    return subprocess.run([*prefix, *reader], capture_output=True, text=True, timeout=60)
+
+
+def _one_line_refusal(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+class _SharedState:
+    """An array rebuilt from a state object the pickle stores once and refers to for every copy."""
+
+    args = (np.ndarray, (0,), b"b")
+
+    def __init__(self, state: tuple) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple:
+        return _reconstruct, self.args, self.state
+
+
+def _labels_of_shared_nested_lists() -> list:
+    inner = [[0] * 1000] * 1000  # one million references, stored once
+    return [[inner] * 100] * N  # numpy would expand this into 6e9 int64 (48 GB)
+
+
+def _arrays_from_one_payload() -> list:
+    state = (1, (4 * 2**20,), np.dtype("u1"), False, b"\x00" * (4 * 2**20))  # 4 MB, stored once
+    return [_SharedState(state) for _ in range(2000)]  # 8 GB when each copy is built
+
+
+def _texts_from_one_payload() -> list:
+    text = "x" * 2**22  # 4 MB, stored once
+    return [_Call(codecs.encode, text, "latin1") for _ in range(2000)]  # decoded 2000 times: 8 GB
+
+
+MEMORY_BOMBS = {  # small files whose naive reading takes many GB
+    "shared-nested-labels": (lambda: {b"labels": _labels_of_shared_nested_lists()}, "label 0 is a list"),
+    "arrays-from-one-payload": (lambda: {b"filenames": _arrays_from_one_payload()}, "refusing"),
+    "text-from-one-payload": (lambda: {b"filenames": _texts_from_one_payload()}, "refusing"),
+}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space from /proc")
+@pytest.mark.parametrize("case", MEMORY_BOMBS)
+def test_files_built_to_exhaust_memory_are_refused_within_bounds(copy, case):
+    changes, expected = MEMORY_BOMBS[case]
+    _rewrite(copy / "data_batch_3", changes())
+    assert (copy / "data_batch_3").stat().st_size < 5 * 2**20  # a few MB at most on disk
+    line = _one_line_refusal(_read_in_subprocess(copy.parent, memory=2**30))
+    assert "data_batch_3" in line and expected in line
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space from /proc")
+def test_a_file_of_many_small_objects_is_refused_within_bounds(copy):
+    (copy / "data_batch_2").write_bytes(b"\x80\x04(" + b"}" * 30_000_000 + b"l.")  # 30 million dicts: 2.4 GB
+    line = _one_line_refusal(_read_in_subprocess(copy.parent, memory=2**30))
+    assert "data_batch_2" in line and "more than 324,096 pickle operations" in line
+
+
+def test_a_file_larger_than_any_batch_is_refused_unread(copy):
+    with open(copy / "test_batch", "r+b") as f:
+        f.truncate(pipeline.data.MAX_FILE_BYTES + 1)  # sparse: takes no disk space
+    assert "larger than 215,433,216 bytes" in _error(copy.parent)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_batch_that_is_not_a_regular_file(copy, kind):
+    (copy / "data_batch_4").unlink()
+    if kind == "folder":
+        (copy / "data_batch_4").mkdir()
+    else:
+        os.mkfifo(copy / "data_batch_4")  # opening it would wait for a writer forever
+    assert "data_batch_4: not a regular file" in _error(copy.parent)
+
+
+# ---- permissions -----------------------------------------------------------------------------------------------------
+
+
+def _without_root_privilege() -> list[str]:
+    """A command prefix under which file permissions apply: none for a user, setpriv for root (whom chmod does not stop:
+    it drops the capabilities that bypass them). Skips where that cannot be done."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if not shutil.which("setpriv") or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without setpriv able to drop the permission-bypassing capabilities")
+    return prefix
+
+
+@pytest.mark.parametrize("locked", ["data_batch_2", FOLDER, "data-dir"])
+def test_permission_denied_says_so(copy, locked):
+    """Real permissions: a file without read permission, a folder without read and search permission."""
+    prefix = _without_root_privilege()
+    target = {"data-dir": copy.parent, FOLDER: copy}.get(locked, copy / locked)
+    target.chmod(0o000)
+    try:
+        result = _read_in_subprocess(copy.parent, prefix=prefix)
+    finally:
+        target.chmod(0o755)
+    line = _one_line_refusal(result)
+    assert line.startswith(f"error: {target}") and "permission denied" in line and "chmod" in line  # the path named
+    assert "corrupt" not in line
+
+
+def test_permission_denied_on_open_says_so(copy, monkeypatch):
+    """The same with the error raised by a patched open() (works for any user, root included)."""
+
+    def refuse(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pipeline.data, "open", refuse, raising=False)
+    message = _error(copy.parent)
+    assert "data_batch_1: permission denied" in message and "corrupt" not in message
+
+
+# ---- the official archive and --download -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def archive(tiny_cifar, tmp_path, monkeypatch) -> Path:
+    """A small stand-in for cifar-10-python.tar.gz; ARCHIVE_MD5 is patched to its md5."""
+    path = tmp_path / "data" / ARCHIVE
+    path.parent.mkdir()
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(Path(tiny_cifar) / FOLDER, arcname=FOLDER)
+    monkeypatch.setattr(pipeline.data, "ARCHIVE_MD5", hashlib.md5(path.read_bytes()).hexdigest())
+    return path
+
+
+@pytest.fixture()
+def offline(monkeypatch) -> None:
+    def no_network(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+
+
+@pytest.mark.parametrize("given", ["folder", "archive"])
+def test_a_folder_holding_the_archive_is_verified_and_extracted(archive, tiny_cifar, capsys, offline, given):
+    root = archive.parent if given == "folder" else archive
+    train_x, train_y, test_x, test_y = load_cifar10(root, allow_small=True)
+    want = load_cifar10(tiny_cifar, allow_small=True)
+    for got, expected in zip((train_x, train_y, test_x, test_y), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line == f"extracting {archive} (md5 verified) into {archive.parent / FOLDER}"
+    assert {p.name for p in archive.parent.iterdir()} == {ARCHIVE, FOLDER}  # no scratch folder left
+    load_cifar10(root, allow_small=True)
+    assert capsys.readouterr().out == ""  # extracted once
+
+
+@pytest.mark.parametrize("call", ["load", "download"])
+def test_an_archive_with_the_wrong_md5_is_one_line_and_kept(archive, monkeypatch, offline, call):
+    monkeypatch.setattr(pipeline.data, "ARCHIVE_MD5", "0" * 32)
+    before = archive.read_bytes()
+    with pytest.raises(DataError) as info:
+        load_cifar10(archive.parent, allow_small=True) if call == "load" else download(archive.parent)
+    message = str(info.value)
+    assert f"{archive}: md5 " in message and "0" * 32 in message and URL in message and "\n" not in message
+    assert archive.read_bytes() == before and not (archive.parent / FOLDER).exists()
+
+
+def test_download_uses_an_archive_already_there(archive, offline):
+    assert download(archive.parent) == archive.parent / FOLDER
+
+
+def test_failed_download_says_what_to_do_and_leaves_nothing(tmp_path, offline):
+    root = tmp_path / "new" / "cifar10"
+    with pytest.raises(DataError) as info:
+        download(root)
+    message = str(info.value)
+    assert "download failed" in message and "Temporary failure in name resolution" in message
+    assert f"put {ARCHIVE} in {root}" in message and f"tar -xzf {ARCHIVE} -C {root}" in message and URL in message
+    assert list(tmp_path.iterdir()) == []  # neither the folders it created nor a partial archive
+
+
+class _Response(io.BytesIO):
+    """What urlopen returns, serving `body`; the connection drops after `fail_after` bytes if given."""
+
+    def __init__(self, body: bytes, url: str, fail_after: int | None = None) -> None:
+        super().__init__(body)
+        self.url, self.length, self.fail_after = url, len(body), fail_after
+
+    def read(self, size: int = -1) -> bytes:
+        if self.fail_after is not None and self.tell() >= self.fail_after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size)
+
+
+@pytest.mark.parametrize("outcome", ["dropped", "complete"])
+def test_download_through_torchvision(archive, tmp_path, monkeypatch, capsys, outcome):
+    body = archive.read_bytes()
+    fail_after = len(body) // 2 if outcome == "dropped" else None
+    monkeypatch.setattr(
+        urllib.request, "urlopen", lambda request, *a, **k: _Response(body, request.full_url, fail_after)
+    )
+    root = tmp_path / "fresh"
+    if outcome == "dropped":
+        with pytest.raises(DataError, match="Connection reset by peer"):
+            download(root)
+        assert not root.exists()  # no partial archive, no empty folder
+        return
+    assert download(root) == root / FOLDER
+    assert {p.name for p in root.iterdir()} == {ARCHIVE, FOLDER}
+    assert f"downloading {URL}" in capsys.readouterr().out
+    assert load_cifar10(root, allow_small=True)[0].shape == (300, 32, 32, 3)
+
+
+def test_download_into_a_file_is_one_line(tmp_path, offline):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="a file, not a folder"):
+        download(tmp_path / "notes.txt")
+
+
+def test_extracting_where_writing_is_denied_says_so(archive, monkeypatch):
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002, ANN002, ANN003, ANN202, ANN001
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(DataError) as info:
+        load_cifar10(archive.parent, allow_small=True)
+    assert f"{archive.parent}: permission denied" in str(info.value) and "write access" in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -116,12 +117,21 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:777])
 
 
+def _rewrite(path: Path, changes: dict) -> None:
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    path.write_bytes(pickle.dumps({**batch, **changes}))
+
+
 @pytest.mark.parametrize(
     "breaking, message",
     [
         (lambda f: (f / "test_batch").unlink(), "test_batch: file missing"),
         (lambda f: _truncate(f / "data_batch_5"), "data_batch_5: truncated or corrupt pickle"),
         (lambda f: (f / "data_batch_1").write_bytes(b"\x80\x04garbage"), "data_batch_1: truncated or corrupt"),
+        (lambda f: _rewrite(f / "data_batch_2", {b"labels": [None] * 60}), "data_batch_2: label 0 is None"),
+        (lambda f: _rewrite(f / "data_batch_3", {b"\xff": 0}), "data_batch_3: the key b'\\xff' is not UTF-8"),
+        (lambda f: _rewrite(f / "test_batch", {b"labels": [2**70] * 100}), "test_batch: 100 labels outside 0..9"),
     ],
 )
 def test_bad_data_through_the_cli(tiny_cifar, tmp_path, breaking, message):
@@ -130,6 +140,21 @@ def test_bad_data_through_the_cli(tiny_cifar, tmp_path, breaking, message):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert message in line and "Traceback" not in result.stderr
+
+
+def test_download_offline_through_the_cli(tmp_path):
+    """No network (every proxy a closed local port): one line that says what to do, and no folder left behind."""
+    closed = "http://127.0.0.1:9"
+    proxies = {"https_proxy": closed, "http_proxy": closed, "HTTPS_PROXY": closed, "HTTP_PROXY": closed}
+    data = tmp_path / "fresh" / "cifar10"
+    result = run_train(
+        "--download", "--data-dir", str(data), "--out", str(tmp_path / "out"), "--device", "cpu",
+        env={**proxies, "no_proxy": "", "NO_PROXY": ""},
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "download failed" in line and f"tar -xzf cifar-10-python.tar.gz -C {data}" in line
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_small_data_without_the_flag_through_the_cli(tiny_cifar, tmp_path):
