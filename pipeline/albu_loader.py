@@ -1,22 +1,23 @@
 """The albumentations CPU loader: the reference the DALI loader is held to.
 
-One function turns the AugSpec into an albumentations Compose; a torch DataLoader runs it in worker processes and
-hands back normalized float batches in channels_last layout.
+One function turns the AugSpec into an albumentations Compose of each unit's twin (pipeline/augs/); a torch
+DataLoader runs it in worker processes and hands back normalized float batches in channels_last layout.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
-from albumentations.augmentations.geometric import functional as fgeometric
 
+from pipeline.augs import Aug, unit_of_column, units_of
 from pipeline.order import epoch_indices, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
 
@@ -24,62 +25,36 @@ from pipeline.spec import AugSpec
 cv2.setNumThreads(0)
 
 
-def build_transform(spec: AugSpec, train: bool = True) -> A.Compose:
-    """The albumentations pipeline for `spec`: the only place the CPU path turns spec values into transforms.
-
-    ShiftScaleRotate is written as A.Affine, which albumentations 2.x's (deprecated) ShiftScaleRotate also wraps;
-    keep_ratio=True keeps the seed's isotropic scale (the 2.x ShiftScaleRotate scales x and y independently).
-    """
-    normalize = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
-    if not train:
-        return A.Compose([normalize])
-    return A.Compose(
-        [
-            A.Affine(
-                scale=(1 - spec.scale_max_delta, 1 + spec.scale_max_delta),
-                translate_percent=(-spec.shift_max_frac, spec.shift_max_frac),
-                rotate=(-spec.rotate_max_deg, spec.rotate_max_deg),
-                shear=0,
-                keep_ratio=True,
-                interpolation=cv2.INTER_LINEAR,
-                border_mode=cv2.BORDER_REPLICATE,
-                p=spec.ssr_p,
-            ),
-            A.HorizontalFlip(p=spec.flip_p),
-            A.CoarseDropout(
-                num_holes_range=(1, 1),
-                hole_height_range=(spec.cutout_min_px, spec.cutout_max_px),
-                hole_width_range=(spec.cutout_min_px, spec.cutout_max_px),
-                fill=spec.cutout_fill_uint8,
-                p=spec.cutout_p,
-            ),
-            normalize,
-        ]
-    )
+def build_transform(spec: AugSpec, height: int, width: int, train: bool = True) -> A.Compose:
+    """The albumentations pipeline for `spec` and (height, width) images: each unit's twin (pipeline/augs/), in
+    composition order, then Normalize; Normalize alone when `train` is False."""
+    twins, normalize = _transforms(spec, height, width)
+    return A.Compose([transform for _, transform in twins] + [normalize] if train else [normalize])
 
 
-def apply_fixed(transform: A.Compose, image: np.ndarray, row: dict) -> np.ndarray:
-    """Apply `transform` (from build_transform) to one HWC uint8 image with explicit parameters instead of random
-    ones: the albumentations side of the parity tests' seam. `row` has AugParams' keys (see pipeline.params)."""
-    affine, flip, dropout, normalize = transform.transforms
-    shape = image.shape[:2]
+def _transforms(spec: AugSpec, height: int, width: int) -> tuple[list[tuple[Aug, A.BasicTransform]], A.Normalize]:
+    twins = [(unit, unit.albu(spec, height, width)) for unit in units_of(spec)]
+    return twins, A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
+
+
+# apply_fixed runs image by image; its transforms are only ever called through .apply, so they can be shared.
+_fixed_transforms = functools.lru_cache(maxsize=16)(_transforms)
+
+
+def apply_fixed(spec: AugSpec, image: np.ndarray, row: Mapping[str, float | bool]) -> np.ndarray:
+    """Augment one HWC uint8 image with explicit parameters instead of random ones, through the same transforms
+    `build_transform` makes: the albumentations side of the parity tests' seam. `row` is keyed by parameter name
+    (as `AugParams.fixed`); a key it leaves out takes its 'not applied' value. Returns HWC float32, normalized.
+    Raises ValueError for a parameter of a unit `spec` does not include."""
+    twins, normalize = _fixed_transforms(spec, *image.shape[:2])
+    included = {unit.name for unit, _ in twins}
+    for name in row:
+        owner = unit_of_column(name).name
+        if owner not in included:
+            raise ValueError(f"parameter {name!r} belongs to {owner}, which the spec does not include")
     out = image
-    if row.get("ssr"):
-        scale = {"x": row.get("scale", 1.0), "y": row.get("scale", 1.0)}
-        matrix = fgeometric.create_affine_transformation_matrix(
-            translate={"x": row.get("shift_x", 0.0), "y": row.get("shift_y", 0.0)},
-            shear={"x": 0.0, "y": 0.0},
-            scale=scale,
-            rotate=row.get("angle", 0.0),
-            shift=fgeometric.center(shape),
-        )
-        out = affine.apply(out, matrix=matrix, output_shape=shape)
-    if row.get("flip"):
-        out = flip.apply(out)
-    if row.get("cutout"):
-        y0, x0 = int(row["hole_y"]), int(row["hole_x"])
-        holes = np.array([[x0, y0, x0 + int(row["hole_w"]), y0 + int(row["hole_h"])]])
-        out = dropout.apply(out, holes=holes, seed=0)
+    for unit, transform in twins:
+        out = unit.albu_apply(transform, out, {name: row.get(name, default) for name, default in unit.columns.items()})
     return normalize.apply(out)
 
 
@@ -140,8 +115,6 @@ class AlbumentationsLoader:
     `set_epoch` (to resume, or to mirror DistributedSampler). The order is reshuffled from seed + epoch.
     """
 
-    kind = "cpu"
-
     def __init__(
         self,
         images: np.ndarray,
@@ -165,7 +138,7 @@ class AlbumentationsLoader:
             len(images), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size
         )
         self.num_samples = shard_size(len(images), rank, world_size)
-        dataset = _AugmentedImages(images, labels, build_transform(spec, train))
+        dataset = _AugmentedImages(images, labels, build_transform(spec, *images.shape[1:3], train))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "This DataLoader will create N worker processes" notes
             self._loader = torch.utils.data.DataLoader(

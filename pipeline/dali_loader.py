@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline.augs import units_of
+from pipeline.augs.unit import Box, Shift
 from pipeline.order import epoch_indices, num_batches, shard_size
-from pipeline.params import AugParams, draw_params, epoch_generator, hole_boxes, sampling_matrices
+from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
 # Batches handed to DALI ahead of the training loop. Two keeps DALI busy while the model trains on the current one.
@@ -42,7 +45,7 @@ class DaliUnavailable(RuntimeError):
     """DALI cannot be imported on this machine."""
 
 
-def require_dali():  # noqa: ANN201 (returns the module)
+def require_dali():  # -> the nvidia.dali module
     try:
         import nvidia.dali as dali
     except ImportError as err:
@@ -54,7 +57,7 @@ def require_dali():  # noqa: ANN201 (returns the module)
     return dali
 
 
-def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optional)
+def _graphs():  # built on first use: importing DALI is slow and optional
     require_dali()
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
@@ -72,16 +75,20 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
         shift = np.float32([m / s for m, s in zip(spec.mean, spec.std, strict=True)]).reshape(1, 1, 3)
         return pixels * types.Constant(scale, device=device) - types.Constant(shift, device=device)
 
-    def cutout_then_normalize(pixels, holes, gy, gx, spec: AugSpec, width: int, device: str):
-        """Write the cutout fill into the hole, then normalize.
+    def boxes_then_normalize(pixels, holes, gy, gx, layout: GraphLayout, spec: AugSpec, width: int, device: str):
+        """Write each Box unit's fill into its box (the cutout hole), then normalize.
 
-        `holes` holds [y0, x0, y1, x1) boxes shaped so each broadcasts against the (H, W) grid: (1, 1) per image in
-        the per-image graph, (N, 1, 1) for N images in the batched one; an empty box means no cutout.
+        `holes` holds 4 rows [y0, x0, y1, x1) per Box unit, shaped so each broadcasts against the (H, W) grid:
+        (1, 1) per image in the per-image graph, (N, 1, 1) for N images in the batched one; an empty box means the
+        unit is not applied to that image.
         """
-        inside = (gy >= holes[0]) & (gy < holes[2]) & (gx >= holes[1]) & (gx < holes[3])
-        inside = fn.reshape(inside, shape=[-1, width, 1])  # rows of all images, then a channel axis to broadcast
-        # bool and uint8 promote to int32 here: exact, and no uint8 wrap-around
-        return normalize(pixels * (1 - inside) + inside * spec.cutout_fill_uint8, spec, device)
+        for k, fill in enumerate(layout.fills):
+            y0, x0, y1, x1 = (holes[4 * k + i] for i in range(4))
+            inside = (gy >= y0) & (gy < y1) & (gx >= x0) & (gx < x1)
+            inside = fn.reshape(inside, shape=[-1, width, 1])  # rows of all images, then a channel axis to broadcast
+            # bool and uint8 promote to int32 here: exact, and no uint8 wrap-around
+            pixels = pixels * (1 - inside) + inside * fill
+        return normalize(pixels, spec, device)
 
     def dali_remap(images, src_x, src_y):
         return fn.experimental.remap(
@@ -95,38 +102,75 @@ def _graphs():  # noqa: ANN202 (built lazily: importing DALI is slow and optiona
     @pipeline_def
     def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu", remap=dali_remap):
         """GPU graph. Inputs per iteration, per DALI sample of N <= IMAGES_PER_SAMPLE images:
-        images (N*H, W, 3) uint8; warp (7, N, 1, 1): sampling matrix rows a..f and each image's first row in the
-        tall image; holes (4, N, 1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with
-        OpenCV standing in for the GPU-only remap.)"""
+        images (N*H, W, 3) uint8; warp (layout.warp_rows, N, 1, 1): the sampling matrix rows a..f, the Shift unit's
+        (x, y) offsets if the spec has one, and each image's first row in the tall image; holes (4 per Box unit, N,
+        1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with OpenCV standing in for the
+        GPU-only remap.)"""
         images = fn.external_source(name="images", device=device, layout="HWC")
         if not augment:
             return normalize(images, spec, device)
+        layout = graph_layout(spec)
         warp = fn.external_source(name="warp", device=device)
-        holes = fn.external_source(name="holes", device=device)
+        holes = fn.external_source(name="holes", device=device) if layout.fills else None
         gy, gx = grid(height, width, device)
+        # Where each output pixel reads the warped image: shifted and clamped first if a Shift unit follows the warp
+        # (its own replicate border; (N, 1, W) and (N, H, 1), still separable), then through the matrix.
+        px, py = gx, gy
+        if layout.shifts:
+            px = dmath.clamp(gx + warp[6], 0.0, width - 1.0)
+            py = dmath.clamp(gy + warp[7], 0.0, height - 1.0)
         # Source position of every output pixel (pixel centres), clamped to its own image: the replicate border.
-        src_x = dmath.clamp(warp[0] * gx + warp[1] * gy + warp[2], 0.0, width - 1.0)
-        src_y = dmath.clamp(warp[3] * gx + warp[4] * gy + warp[5], 0.0, height - 1.0) + warp[6]
+        src_x = dmath.clamp(warp[0] * px + warp[1] * py + warp[2], 0.0, width - 1.0)
+        src_y = dmath.clamp(warp[3] * px + warp[4] * py + warp[5], 0.0, height - 1.0) + warp[layout.warp_rows - 1]
         warped = remap(
             images, fn.reshape(src_x, shape=[-1, width], layout="HW"), fn.reshape(src_y, shape=[-1, width], layout="HW")
         )
-        return cutout_then_normalize(warped, holes, gy, gx, spec, width, device)
+        return boxes_then_normalize(warped, holes, gy, gx, layout, spec, width, device)
 
     @pipeline_def
     def per_image_pipeline(spec: AugSpec, height: int, width: int, augment: bool):
-        """CPU graph. Inputs per iteration, one DALI sample per image:
-        images (H, W, 3) uint8; warp (2, 3) in DALI's pixel-corner convention; holes (4, 1, 1)."""
+        """CPU graph. Inputs per iteration, one DALI sample per image, matrices in DALI's pixel-corner convention:
+        images (H, W, 3) uint8; warp (2, 3); shift (2, 3), a whole-pixel translation, if the spec has a Shift unit;
+        holes (4 per Box unit, 1, 1)."""
         images = fn.external_source(name="images", layout="HWC")
         if not augment:
             return normalize(images, spec, "cpu")
-        warp = fn.external_source(name="warp")
-        holes = fn.external_source(name="holes")
+        layout = graph_layout(spec)
         # No fill_value: DALI clamps at the border, which is the replicate border.
+        warp = fn.external_source(name="warp")
         warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.INTERP_LINEAR)
+        if layout.shifts:
+            # A second warp, because the shift clamps at its own border (see pipeline.augs.unit.Shift); with whole
+            # pixels, nearest-neighbour sampling is an exact copy.
+            shift = fn.external_source(name="shift")
+            warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.INTERP_NN)
+        holes = fn.external_source(name="holes") if layout.fills else None
         gy, gx = grid(height, width, "cpu")
-        return cutout_then_normalize(warped, holes, gy, gx, spec, width, "cpu")
+        return boxes_then_normalize(warped, holes, gy, gx, layout, spec, width, "cpu")
 
     return batched_pipeline, per_image_pipeline
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    """What the DALI graphs hold for a spec, derived from its units (pipeline/augs/): the composed warp always,
+    a Shift unit's offsets if there is one, and each Box unit's fill."""
+
+    shifts: int  # Shift units (0 or 1)
+    fills: tuple[int, ...]  # the uint8 fill of each Box unit, in order
+
+    @property
+    def warp_rows(self) -> int:
+        """Rows of the batched graph's warp input: matrix (6), offsets (2 per Shift), first row in the tall image."""
+        return 6 + 2 * self.shifts + 1
+
+
+def graph_layout(spec: AugSpec) -> GraphLayout:
+    units = units_of(spec)
+    return GraphLayout(
+        shifts=sum(isinstance(unit.effect, Shift) for unit in units),
+        fills=tuple(unit.effect.fill(spec) for unit in units if isinstance(unit.effect, Box)),
+    )
 
 
 def _to_dali_corner_convention(matrices: torch.Tensor) -> torch.Tensor:
@@ -147,8 +191,6 @@ class DaliLoader:
     the CPU). `remap` replaces the batched graph's resampling operator; tests use it to run that graph on the CPU.
     """
 
-    kind = "dali"
-
     def __init__(
         self,
         images: np.ndarray,
@@ -166,7 +208,7 @@ class DaliLoader:
         workers: int | None,
         graph: str | None = None,
         remap=None,
-    ):  # noqa: ANN001
+    ):
         batched_pipeline, per_image_pipeline = _graphs()
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
@@ -176,6 +218,7 @@ class DaliLoader:
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
         self.num_samples = shard_size(self.n, rank, world_size)
+        self.layout = graph_layout(spec)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
         # batch, and the batch is gathered by index on the device.
@@ -269,36 +312,41 @@ class DaliLoader:
     def _batches(
         self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None, batch_size: int
     ) -> list[tuple]:
-        """(image indices, labels, DALI inputs) per batch; the inputs are views into tensors made once."""
+        """(image indices, labels, DALI inputs by name) per batch; the inputs are views into tensors made once."""
         h, w, n = self.height, self.width, len(order)
         spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
         if not self.train:
-            return [(order[a:b], labels[a:b], None) for a, b in spans]
+            return [(order[a:b], labels[a:b], {}) for a, b in spans]
+        params = params.for_units(units_of(self.spec), self.device)
+        matrices, shifts, holes = sampling_matrices(params, h, w), grid_shifts(params), hole_boxes(params)
         if self.graph == "per_image":
-            warp = _to_dali_corner_convention(sampling_matrices(params, h, w))
-            holes = hole_boxes(params).view(n, 4, 1, 1)
-            return [(order[a:b], labels[a:b], (warp[a:b], holes[a:b])) for a, b in spans]
-        # batched graph: per DALI sample, warp (7, N, 1, 1) = matrix rows a..f and each image's first row in the
-        # tall image; holes (4, N, 1, 1). Made contiguous per sample once, here.
+            inputs = {"warp": _to_dali_corner_convention(matrices)}
+            if self.layout.shifts:
+                translation = torch.eye(2, 3, device=self.device).repeat(n, 1, 1)
+                translation[:, :, 2] = shifts
+                inputs["shift"] = _to_dali_corner_convention(translation)
+            if self.layout.fills:
+                inputs["holes"] = holes.view(n, -1, 1, 1)
+            return [(order[a:b], labels[a:b], {k: v[a:b] for k, v in inputs.items()}) for a, b in spans]
+        # batched graph, per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
+        # image's first row in the tall image; holes (4 per Box unit, N, 1, 1). Made contiguous per sample once, here.
         position = torch.arange(n, device=self.device) % batch_size % IMAGES_PER_SAMPLE
-        warp = torch.cat([sampling_matrices(params, h, w).view(n, 6), (position * h).float()[:, None]], 1)
-        holes = hole_boxes(params)
+        rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
+        if self.layout.fills:
+            rows["holes"] = holes
         batches = []
         for a, b in spans:
             chunks = [(c, min(c + IMAGES_PER_SAMPLE, b)) for c in range(a, b, IMAGES_PER_SAMPLE)]
-            inputs = (
-                [warp[c:d].T.reshape(7, -1, 1, 1) for c, d in chunks],
-                [holes[c:d].T.reshape(4, -1, 1, 1) for c, d in chunks],
-            )
+            inputs = {k: [v[c:d].T.reshape(v.shape[1], -1, 1, 1) for c, d in chunks] for k, v in rows.items()}
             batches.append((order[a:b], labels[a:b], inputs))
         return batches
 
-    def _submit(self, index: torch.Tensor, labels: torch.Tensor, inputs: tuple | None) -> torch.Tensor:
+    def _submit(self, index: torch.Tensor, labels: torch.Tensor, inputs: dict) -> torch.Tensor:
         self._feed(index, inputs)
         self.pipe.schedule_run()
         return labels
 
-    def _feed(self, index: torch.Tensor, inputs: tuple | None) -> None:
+    def _feed(self, index: torch.Tensor, inputs: dict) -> None:
         images = self.images[index]
         if self.graph == "batched":
             per_sample = [
@@ -308,10 +356,8 @@ class DaliLoader:
             self._feed_input("images", per_sample, layout="HWC")
         else:
             self._feed_input("images", images, layout="HWC")
-        if inputs is not None:
-            warp, holes = inputs
-            self._feed_input("warp", warp)
-            self._feed_input("holes", holes)
+        for name, tensor in inputs.items():
+            self._feed_input(name, tensor)
 
     def _feed_input(self, name: str, tensor: torch.Tensor | list[torch.Tensor], layout: str | None = None) -> None:
         """A tensor is a batch (first axis = samples); a list holds one tensor per sample."""
@@ -345,7 +391,7 @@ class DaliLoader:
             x = torch.from_numpy(np.array(out.as_array()))
         return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
 
-    def _copy_on_torch_stream(self, out, samples: list, parts: tuple[torch.Tensor, ...]) -> None:  # noqa: ANN001
+    def _copy_on_torch_stream(self, out, samples: list, parts: tuple[torch.Tensor, ...]) -> None:
         """Copy DALI's output into torch memory asynchronously, on torch's stream: the model's kernels queue behind
         the copy and the host never waits for the GPU. DALI's buffer must outlive the copy, so it is kept (with an
         event marking the copy's end) until LOOKAHEAD later batches have been collected."""

@@ -307,7 +307,7 @@ class _Builders:
         array._builders = self
         return array
 
-    def frombuffer(self, buf: object, dtype: object, shape: object, order: object, axis_order: object = None):  # noqa: ANN201
+    def frombuffer(self, buf: object, dtype: object, shape: object, order: object, axis_order: object = None):
         dtype = _plain_dtype(dtype)
         if type(buf) not in (bytes, bytearray) or order not in ("C", "F", "K") or len(buf) != _nbytes(shape, dtype):
             raise _Refused("it builds a numpy array from a buffer in a way numpy's pickling never does")
@@ -328,7 +328,7 @@ class _Builders:
         return text.encode("latin-1")
 
     @staticmethod
-    def scalar(dtype: object, data: object = None):  # noqa: ANN205
+    def scalar(dtype: object, data: object = None):
         dtype = _plain_dtype(dtype)
         if type(data) is not bytes or len(data) != dtype.itemsize:
             raise _Refused("it builds a numpy scalar in a way numpy's pickling never does")

@@ -14,12 +14,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from pipeline import AugSpec, DataError, load_cifar10, make_loader, resolve_root  # noqa: E402
-from pipeline.data import CLASSES  # noqa: E402
+from pipeline import AugSpec, DataError, load_cifar10, make_loader, resolve_root
+from pipeline.data import CLASSES
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
 

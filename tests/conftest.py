@@ -58,7 +58,7 @@ def dali_available() -> bool:
     return True
 
 
-def opencv_remap(images, src_x, src_y):  # noqa: ANN001, ANN201
+def opencv_remap(images, src_x, src_y):
     """OpenCV standing in for DALI's GPU-only remap, so the batched (GPU) graph runs on a CPU-only machine."""
     from nvidia.dali import fn
 
@@ -72,7 +72,7 @@ def opencv_remap(images, src_x, src_y):  # noqa: ANN001, ANN201
 LOADER_VARIANTS = ["cpu", "dali-per-image", "dali-batched-cpu", "dali-gpu"]
 
 
-def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):  # noqa: ANN201
+def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):
     from pipeline import make_loader
 
     if variant.startswith("dali") and not dali_available():

@@ -106,7 +106,7 @@ def test_same_seed_same_metrics(tiny_cifar, tmp_path, loader):
     assert epochs_of(runs[0]) == epochs_of(runs[1])
 
 
-def _broken_copy(tiny_cifar: str, tmp_path: Path, breaking) -> str:  # noqa: ANN001
+def _broken_copy(tiny_cifar: str, tmp_path: Path, breaking) -> str:
     folder = tmp_path / "data" / "cifar-10-batches-py"
     shutil.copytree(Path(tiny_cifar) / "cifar-10-batches-py", folder)
     breaking(folder)

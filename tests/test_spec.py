@@ -1,12 +1,18 @@
-"""AugSpec: the seed's defaults, validation, CLI overrides, and that albumentations is built from it alone."""
+"""AugSpec and the units it is composed of: the seed's defaults, validation, CLI overrides, that albumentations is
+built from it alone, and what every unit declares (its fields, its off switch, its parameter columns)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import albumentations as A
 import cv2
 import pytest
+import torch
 
-from pipeline.albu_loader import build_transform
+from pipeline.albu_loader import apply_fixed, build_transform
+from pipeline.augs import UNITS, check_composition, units_of
+from pipeline.params import AugParams, draw_params
 from pipeline.spec import AugSpec
 
 
@@ -72,7 +78,7 @@ def test_albumentations_pipeline_carries_the_spec_values():
         mean=(0.1, 0.2, 0.3),
         std=(0.4, 0.5, 0.6),
     )
-    affine, flip, dropout, normalize = build_transform(spec).transforms
+    affine, flip, dropout, normalize = build_transform(spec, 32, 32).transforms
     assert isinstance(affine, A.Affine) and affine.p == 0.2 and affine.border_mode == cv2.BORDER_REPLICATE
     assert affine.rotate == (-7, 7) and affine.scale == {"x": (0.8, 1.2), "y": (0.8, 1.2)} and affine.keep_ratio
     assert affine.translate_percent == {"x": (-0.1, 0.1), "y": (-0.1, 0.1)}
@@ -80,5 +86,68 @@ def test_albumentations_pipeline_carries_the_spec_values():
     assert isinstance(dropout, A.CoarseDropout) and dropout.p == 0.3 and dropout.fill == 64
     assert dropout.hole_height_range == (2, 9) and dropout.hole_width_range == (2, 9)
     assert tuple(normalize.mean) == (0.1, 0.2, 0.3) and tuple(normalize.std) == (0.4, 0.5, 0.6)
-    (only,) = build_transform(spec, train=False).transforms
+    (only,) = build_transform(spec, 32, 32, train=False).transforms
     assert isinstance(only, A.Normalize)
+
+
+def test_spec_fields_are_the_units_fields_in_order_then_normalize():
+    names = [f.name for f in dataclasses.fields(AugSpec)]
+    assert names == [f.name for unit in UNITS for f in unit.fields] + ["mean", "std"]
+    assert all(f.kw_only for f in dataclasses.fields(AugSpec))
+    assert not hasattr(AugSpec, "replace")  # dataclasses.replace is the one way
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_off_switches_a_unit_off_and_shown_always_applies_it(unit):
+    """What AugSpec.none() (evaluation) and the gallery rely on, checked on the unit's own draws."""
+    generator = torch.Generator().manual_seed(0)
+    off = draw_params(AugSpec.none(), 1000, 32, 32, generator, "cpu")
+    for name, default in unit.columns.items():
+        if name in off.columns and isinstance(default, bool):
+            assert not off[name].any(), f"{unit.name}: {name} applied with AugSpec.none()"
+    shown = draw_params(AugSpec.none(**unit.shown), 1000, 32, 32, generator, "cpu")
+    assert unit in shown.units
+    for name, default in unit.columns.items():
+        assert len(shown[name]) == 1000
+        if isinstance(default, bool):
+            assert shown[name].all(), f"{unit.name}: {name} not always applied with {dict(unit.shown)}"
+
+
+def test_draws_use_one_row_of_uniforms_per_declared_uniform():
+    spec = AugSpec()
+    generator = torch.Generator().manual_seed(3)
+    draw_params(spec, 10, 32, 32, generator, "cpu")
+    # one torch.rand of (sum of uniforms, n): the generator has advanced exactly that far
+    reference = torch.Generator().manual_seed(3)
+    torch.rand((sum(unit.uniforms for unit in units_of(spec)), 10), generator=reference)
+    assert torch.equal(torch.rand(1, generator=generator), torch.rand(1, generator=reference))
+
+
+def test_fixed_parameters_hold_the_named_units_with_their_defaults():
+    params = AugParams.fixed([{"flip": True}, {"hole_h": 3.0, "cutout": True}])
+    assert [u.name for u in params.units] == [u.name for u in UNITS if u.name in ("flip", "cutout")]
+    assert params["flip"].tolist() == [True, False] and params["hole_w"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown augmentation parameter 'wobble'"):
+        AugParams.fixed([{"wobble": 1.0}])
+    full = params.for_units(UNITS, "cpu")
+    assert [u.name for u in full.units] == [u.name for u in UNITS]
+    with pytest.raises(ValueError, match="flip, which this spec does not include"):
+        params.for_units([u for u in UNITS if u.name != "flip"], "cpu")
+
+
+def test_apply_fixed_refuses_a_parameter_the_spec_does_not_include():
+    excluded = [u for u in UNITS if not u.enabled(AugSpec())]
+    image = torch.zeros((32, 32, 3), dtype=torch.uint8).numpy()
+    for unit in excluded:
+        with pytest.raises(ValueError, match="which the spec does not include"):
+            apply_fixed(AugSpec(), image, {next(iter(unit.columns)): 1.0})
+    with pytest.raises(ValueError, match="unknown augmentation parameter"):
+        apply_fixed(AugSpec(), image, {"wobble": 1.0})
+
+
+def test_units_must_compose_in_the_order_the_graphs_apply_them():
+    by_name = {u.name: u for u in UNITS}
+    with pytest.raises(TypeError, match="ordered Warp, Shift, Box"):
+        check_composition((by_name["cutout"], by_name["ssr"]))
+    with pytest.raises(TypeError, match="duplicate unit names"):
+        check_composition((by_name["flip"], by_name["flip"]))
