@@ -123,7 +123,7 @@ Z_999 = 3.2905  # two-sided 99.9% normal quantile
 
 def probe_spec(unit: Aug) -> AugSpec:
     """The unit alone: its fields at their defaults and its probe's settings, every other unit off."""
-    return AugSpec.none(**{f.name: f.default for f in unit.fields}, **unit.probe.on)
+    return AugSpec.none(**{**{f.name: f.default for f in unit.fields}, **unit.probe.on})
 
 
 _measured: dict[tuple[str, str], Readings] = {}

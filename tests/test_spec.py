@@ -40,6 +40,8 @@ def test_defaults_are_the_seeds():
         ({"cutout_fill": 1.2}, "cutout_fill is in \\[0, 1\\]"),
         ({"std": (0.5, 0.0, 0.5)}, "std must be > 0"),
         ({"mean": (0.5, 0.5)}, "mean needs one value per RGB channel"),
+        ({"pad_crop_px": -1}, "pad_crop_px must be an integer >= 0"),
+        ({"pad_crop_px": 2.5}, "pad_crop_px must be an integer >= 0"),
     ],
 )
 def test_validation_names_the_field(change, message):
@@ -105,12 +107,12 @@ def test_off_switches_a_unit_off_and_shown_always_applies_it(unit):
     for name, default in unit.columns.items():
         if name in off.columns and isinstance(default, bool):
             assert not off[name].any(), f"{unit.name}: {name} applied with AugSpec.none()"
-    shown = draw_params(AugSpec.none(**unit.shown), 1000, 32, 32, generator, "cpu")
+    shown = draw_params(AugSpec.none(**unit.shown(AugSpec())), 1000, 32, 32, generator, "cpu")
     assert unit in shown.units
     for name, default in unit.columns.items():
         assert len(shown[name]) == 1000
         if isinstance(default, bool):
-            assert shown[name].all(), f"{unit.name}: {name} not always applied with {dict(unit.shown)}"
+            assert shown[name].all(), f"{unit.name}: {name} not always applied when shown"
 
 
 def test_draws_use_one_row_of_uniforms_per_declared_uniform():
@@ -151,3 +153,16 @@ def test_units_must_compose_in_the_order_the_graphs_apply_them():
         check_composition((by_name["cutout"], by_name["ssr"]))
     with pytest.raises(TypeError, match="duplicate unit names"):
         check_composition((by_name["flip"], by_name["flip"]))
+
+
+def test_pad_and_crop_is_opt_in_and_built_from_the_spec():
+    assert AugSpec().pad_crop_px == 0 and all(u.name != "pad_crop" for u in units_of(AugSpec()))
+    spec = AugSpec.from_overrides(["pad_crop_px=3"])
+    assert spec.pad_crop_px == 3 and [u.name for u in units_of(spec)] == ["ssr", "flip", "pad_crop", "cutout"]
+    affine, flip, pad_crop, dropout, normalize = build_transform(spec, 32, 32).transforms
+    pad, crop = pad_crop.transforms
+    assert isinstance(pad_crop, A.Sequential) and pad_crop.p == 1.0
+    assert isinstance(pad, A.PadIfNeeded) and (pad.min_height, pad.min_width) == (38, 38)
+    assert pad.border_mode == cv2.BORDER_REPLICATE and pad.position == "center"
+    assert isinstance(crop, A.RandomCrop) and (crop.height, crop.width) == (32, 32)
+    assert AugSpec.none(pad_crop_px=3).pad_crop_px == 3 and AugSpec.none().pad_crop_px == 0

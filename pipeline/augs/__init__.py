@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.augs import cutout, flip, ssr
+from pipeline.augs import cutout, flip, pad_crop, ssr
 from pipeline.augs.unit import Aug, Box, Shift, Warp
 
 if TYPE_CHECKING:
     from pipeline.spec import AugSpec
 
-# The seed's order: ShiftScaleRotate -> HorizontalFlip -> CoarseDropout (then Normalize, which is not a unit).
-UNITS: tuple[Aug, ...] = (ssr.UNIT, flip.UNIT, cutout.UNIT)
+# The seed's order, ShiftScaleRotate -> HorizontalFlip -> CoarseDropout (then Normalize, which is not a unit), with the
+# opt-in pad-and-crop (off by default) after the warp and before the hole.
+UNITS: tuple[Aug, ...] = (ssr.UNIT, flip.UNIT, pad_crop.UNIT, cutout.UNIT)
 
 
 def units_of(spec: AugSpec) -> tuple[Aug, ...]:

@@ -97,7 +97,7 @@ class Aug:
     check: Callable[[AugSpec], None]  # validates its fields alone; raises ValueError("AugSpec: ...")
     check_image: Callable[[AugSpec, int, int], None]  # validates them against an image of (height, width)
     off: Mapping[str, object]  # field values that switch it off (AugSpec.none())
-    shown: Mapping[str, object]  # field values that always apply it (the gallery's one-augmentation columns)
+    shown: Callable[[AugSpec], dict[str, object]]  # field values that always apply it (gallery: one unit alone)
     columns: Mapping[str, bool | float]  # its parameter columns -> their "not applied" value
     uniforms: int  # U(0, 1) numbers it draws per image
     draw: Callable[[AugSpec, torch.Tensor, int, int], dict[str, torch.Tensor]]  # (uniforms, N) -> its columns
