@@ -131,6 +131,8 @@ class AlbumentationsLoader:
         world_size: int,
         workers: int | None,
     ):
+        if train:
+            spec.check_image_size(*images.shape[1:3])
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers

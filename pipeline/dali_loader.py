@@ -209,6 +209,8 @@ class DaliLoader:
         graph: str | None = None,
         remap=None,
     ):
+        if train:
+            spec.check_image_size(*images.shape[1:3])
         batched_pipeline, per_image_pipeline = _graphs()
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"

@@ -30,6 +30,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
 NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32)  # (height, width) of every CIFAR-10 image
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_ROOT = "~/data/cifar10"  # the seed's default
 ENV_VAR = "CIFAR10_ROOT"

@@ -16,6 +16,9 @@ with two departures that let DALI do exactly the same, each explained in its uni
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import numpy as np
 
 from pipeline.augs import UNITS
 from pipeline.augs.unit import Field, check
@@ -25,6 +28,7 @@ NORMALIZE_FIELDS = (
     Field("mean", (0.5, 0.5, 0.5), "per-channel (RGB) mean subtracted, in [0, 1] image units"),
     Field("std", (0.5, 0.5, 0.5), "per-channel (RGB) standard deviation divided by, > 0"),
 )
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 FIELDS: tuple[Field, ...] = tuple(f for unit in UNITS for f in unit.fields) + NORMALIZE_FIELDS
 
 
@@ -32,7 +36,25 @@ def _check_normalize(spec: AugSpec) -> None:
     for name in ("mean", "std"):
         value = getattr(spec, name)
         check(len(value) == 3, f"{name} needs one value per RGB channel, got {value!r}")
+        check(all(math.isfinite(v) for v in value), f"{name} must be finite per channel, got {value}")
     check(all(s > 0 for s in spec.std), f"std must be > 0 per channel, got {spec.std}")
+    # The loaders normalize in float32 (DALI's graph, albumentations' Normalize): beyond its range the inputs
+    # would be inf or nan. Pixel values 0 and 1 are the extremes of (x - mean) / std.
+    largest = max(abs((x - m) / s) for m, s in zip(spec.mean, spec.std, strict=True) for x in (0.0, 1.0))
+    check(
+        largest < FLOAT32_MAX,
+        f"mean={spec.mean}, std={spec.std} normalize pixels to {largest:.3g}, beyond float32; use a larger std",
+    )
+
+
+def _check_image_size(self: AugSpec, height: int, width: int) -> None:
+    """Refuse settings that cannot work for (height, width) images, each unit checking its own fields (a hole
+    larger than the image, a scale that shrinks it below a pixel, a crop that can miss it). Both loaders call this
+    when they augment, and `python -m train` before reading any data, so they can never disagree about a spec.
+
+    Raises ValueError naming the field, the image size and the largest value that works."""
+    for unit in UNITS:
+        unit.check_image(self, height, width)
 
 
 def _post_init(self: AugSpec) -> None:
@@ -72,7 +94,8 @@ def _from_overrides(cls: type[AugSpec], items: list[str], base: AugSpec | None =
             else:
                 changes[key] = float(raw)
         except ValueError:
-            raise ValueError(f"--aug {key}: {raw!r} is not a number") from None
+            kind = "a whole number" if isinstance(current, int) else "a number"
+            raise ValueError(f"--aug {key}: {raw!r} is not {kind}") from None
     return dataclasses.replace(base, **changes)
 
 
@@ -86,6 +109,7 @@ _namespace: dict[str, object] = {
     "__post_init__": _post_init,
     "none": classmethod(_none),
     "from_overrides": classmethod(_from_overrides),
+    "check_image_size": _check_image_size,
     "__doc__": _docstring(),
 }
 for _unit in UNITS:

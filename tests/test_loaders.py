@@ -140,3 +140,14 @@ def test_dali_loader_does_little_host_work_per_batch(variant, most):
     images = np.zeros((64 * 12, 32, 32, 3), np.uint8)
     mean, ops = ops_per_batch(build_loader(variant, images, np.zeros(len(images), np.int64), 64))
     assert mean <= most, ops.most_common(5)
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_a_spec_that_cannot_work_for_the_images_is_refused(variant, data):
+    """Both loaders refuse it the same way (albumentations used to raise mid-epoch, DALI to train on grey images);
+    a loader that only normalizes does not augment, so it does not care."""
+    images, labels = data
+    impossible = AugSpec(cutout_min_px=40, cutout_max_px=40)
+    with pytest.raises(ValueError, match="cutout_min_px=40 does not fit a 32x32 image"):
+        build_loader(variant, images, labels, 8, spec=impossible)
+    assert len(build_loader(variant, images, labels, 8, spec=impossible, train=False)) > 0

@@ -41,12 +41,47 @@ def test_defaults_are_the_seeds():
         ({"std": (0.5, 0.0, 0.5)}, "std must be > 0"),
         ({"mean": (0.5, 0.5)}, "mean needs one value per RGB channel"),
         ({"pad_crop_px": -1}, "pad_crop_px must be an integer >= 0"),
+        ({"std": (0.5, float("inf"), 0.5)}, "std must be finite per channel"),
+        ({"mean": (float("nan"), 0.5, 0.5)}, "mean must be finite per channel"),
+        ({"mean": (0.5, float("-inf"), 0.5)}, "mean must be finite per channel"),
+        ({"std": (1e-40, 0.5, 0.5)}, "normalize pixels to 5e\\+39, beyond float32"),
+        ({"mean": (1e39, 0.5, 0.5), "std": (1.0, 1.0, 1.0)}, "beyond float32"),
         ({"pad_crop_px": 2.5}, "pad_crop_px must be an integer >= 0"),
     ],
 )
 def test_validation_names_the_field(change, message):
     with pytest.raises(ValueError, match=message):
         AugSpec(**change)
+
+
+@pytest.mark.parametrize(
+    "change, size, message",
+    [
+        ({"cutout_min_px": 40, "cutout_max_px": 40}, (32, 32), "cutout_min_px=40 does not fit a 32x32 image"),
+        ({"cutout_max_px": 33}, (32, 32), "cutout_max_px=33 does not fit a 32x32 image; use at most 32"),
+        ({"cutout_max_px": 20}, (32, 16), "cutout_max_px=20 does not fit a 32x16 image; use at most 16"),
+        ({"scale_max_delta": 0.99}, (32, 32), "scale_max_delta=0.99 can shrink a 32x32 image to 0.32 px"),
+        ({"pad_crop_px": 32}, (32, 32), "pad_crop_px=32 lets the crop miss a 32x32 image entirely; use at most 31"),
+        ({"pad_crop_px": 16}, (16, 32), "pad_crop_px=16 lets the crop miss a 16x32 image"),
+    ],
+)
+def test_settings_that_cannot_work_for_the_image_size_are_refused(change, size, message):
+    spec = AugSpec(**change)  # valid on its own: only the image size makes it impossible
+    with pytest.raises(ValueError, match=message):
+        spec.check_image_size(*size)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cutout_min_px": 32, "cutout_max_px": 32},  # a hole the size of the image
+        {"scale_max_delta": 1 - 1 / 32},  # shrinks to exactly one pixel
+        {"pad_crop_px": 31},  # at least one real row and column stay in view
+        {"shift_max_frac": 1.0, "rotate_max_deg": 180.0},
+    ],
+)
+def test_the_largest_settings_that_work_are_accepted(change):
+    AugSpec(**change).check_image_size(32, 32)
 
 
 def test_frozen():
@@ -64,6 +99,10 @@ def test_overrides_from_cli_strings():
         AugSpec.from_overrides(["flip_p=often"])
     with pytest.raises(ValueError, match="flip_p must be a probability"):
         AugSpec.from_overrides(["flip_p=2"])
+    with pytest.raises(ValueError, match="pad_crop_px: '2.5' is not a whole number"):
+        AugSpec.from_overrides(["pad_crop_px=2.5"])
+    with pytest.raises(ValueError, match="std must be finite"):
+        AugSpec.from_overrides(["std=inf"])
 
 
 def test_albumentations_pipeline_carries_the_spec_values():
