@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.augs import Aug, unit_of_column, units_of
-from pipeline.order import epoch_indices, num_batches, sample_seeds, shard_size
+from pipeline.order import Order, epoch_batches, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
 
 # albumentations does its work on one core per worker; OpenCV's own threads would only fight the workers.
@@ -80,24 +80,17 @@ class _AugmentedImages(torch.utils.data.Dataset):
 class _EpochBatches(torch.utils.data.Sampler):
     """Batches of (index, seed) keys for this rank; the epoch is set by the loader before each pass."""
 
-    def __init__(
-        self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool, rank: int, world_size: int
-    ):
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+    def __init__(self, n: int, batch_size: int, order: Order):
+        self.n, self.batch_size, self.order = n, batch_size, order
         self.epoch = 0
 
     def __len__(self) -> int:
-        return num_batches(shard_size(self.n, self.rank, self.world_size), self.batch_size, self.drop_last)
+        return num_batches(self.n, self.batch_size, self.order)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = epoch_indices(
-            self.n, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size
-        )
-        seeds = sample_seeds(self.n, seed=self.seed, epoch=self.epoch)
-        for b in range(len(self)):
-            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(int(i), int(seeds[i])) for i in chunk]
+        seeds = sample_seeds(self.n, seed=self.order.seed, epoch=self.epoch)
+        for batch in epoch_batches(self.n, self.batch_size, self.epoch, self.order):
+            yield [(int(i), int(seeds[i])) for i in batch]
 
 
 def _already_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +105,8 @@ class AlbumentationsLoader:
     """Yields (x, y): x float32 [B,3,H,W] channels_last, normalized by the spec; y int64 [B]; both on `device`.
 
     Each pass over the loader is one epoch; the epoch number advances by itself after every pass and can be set with
-    `set_epoch` (to resume, or to mirror DistributedSampler). The order is reshuffled from seed + epoch.
+    `set_epoch` (to resume, or to mirror DistributedSampler). Which images, in what batches: `order`
+    (pipeline.order), as the DALI loader. Satisfies pipeline.Loader.
     """
 
     def __init__(
@@ -123,12 +117,8 @@ class AlbumentationsLoader:
         *,
         spec: AugSpec,
         train: bool,
+        order: Order,
         device: str | torch.device,
-        seed: int,
-        shuffle: bool,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
         workers: int | None,
     ):
         if train:
@@ -136,10 +126,8 @@ class AlbumentationsLoader:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
-        self.sampler = _EpochBatches(
-            len(images), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last, rank=rank, world_size=world_size
-        )
-        self.num_samples = shard_size(len(images), rank, world_size)
+        self.sampler = _EpochBatches(len(images), batch_size, order)
+        self.num_samples = shard_size(len(images), order)
         dataset = _AugmentedImages(images, labels, build_transform(spec, *images.shape[1:3], train))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "This DataLoader will create N worker processes" notes

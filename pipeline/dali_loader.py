@@ -25,7 +25,7 @@ import torch
 
 from pipeline.augs import units_of
 from pipeline.augs.unit import Box, Shift
-from pipeline.order import epoch_indices, num_batches, shard_size
+from pipeline.order import Order, epoch_batches, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
@@ -184,8 +184,9 @@ class DaliLoader:
     """Yields (x, y) like the CPU loader: x float32 [B,3,H,W] channels_last, normalized; y int64 [B]; on `device`.
 
     Each pass is one epoch (the epoch number advances by itself; `set_epoch` jumps), reshuffled from seed + epoch,
-    this rank's shard only. Augmentation parameters come from a generator seeded by (seed, epoch, rank), so an epoch
-    is reproducible on its own, e.g. after resuming.
+    this rank's shard only, in the batches `order` gives (pipeline.order, as the CPU loader). Augmentation parameters
+    come from a generator seeded by (seed, epoch, rank), so an epoch is reproducible on its own, e.g. after resuming.
+    Satisfies pipeline.Loader.
 
     `graph` picks the DALI graph: "batched" (the GPU design; the default on CUDA) or "per_image" (the default on
     the CPU). `remap` replaces the batched graph's resampling operator; tests use it to run that graph on the CPU.
@@ -199,12 +200,8 @@ class DaliLoader:
         *,
         spec: AugSpec,
         train: bool,
+        order: Order,
         device: str | torch.device,
-        seed: int,
-        shuffle: bool,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
         workers: int | None,
         graph: str | None = None,
         remap=None,
@@ -215,23 +212,22 @@ class DaliLoader:
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
         self.graph = graph or ("batched" if on_gpu else "per_image")
-        self.spec, self.train, self.seed, self.shuffle = spec, train, seed, shuffle
-        self.batch_size, self.drop_last, self.rank, self.world_size = batch_size, drop_last, rank, world_size
+        self.spec, self.train, self.order, self.batch_size = spec, train, order, batch_size
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
-        self.num_samples = shard_size(self.n, rank, world_size)
+        self.num_samples = shard_size(self.n, order)
         self.layout = graph_layout(spec)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
         # batch, and the batch is gathered by index on the device.
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
-        if not on_gpu and rank == 0:
+        if not on_gpu and order.rank == 0:
             _say_cpu_mode_once()
         options = dict(
             num_threads=workers or min(4, os.cpu_count() or 1),
             prefetch_queue_depth=1,
-            seed=seed,
+            seed=order.seed,
             device_id=(self.device.index or 0) if on_gpu else None,
         )
         if self.graph == "batched":
@@ -256,33 +252,31 @@ class DaliLoader:
         self._in_flight: deque = deque()  # DALI outputs whose asynchronous copy to torch may still be running
 
     def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.n, self.batch_size, self.order)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        order = epoch_indices(
-            self.n, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size
-        )
-        order = torch.from_numpy(order).to(self.device)[: len(self) * self.batch_size]
+        chosen = epoch_batches(self.n, self.batch_size, epoch, self.order)
+        index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
         # Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
         # the whole epoch: per batch the host then only slices, which keeps the loader's host time off the
         # training loop's (on a launch-bound GPU host every kernel launch counts).
         params = (
             draw_params(
                 self.spec,
-                len(order),
+                len(index),
                 self.height,
                 self.width,
-                epoch_generator(self.seed, epoch, self.rank, self.device),
+                epoch_generator(self.order.seed, epoch, self.order.rank, self.device),
                 self.device,
             )
             if self.train
             else None
         )
-        batches = self._batches(order, self.labels[order], params, self.batch_size)
+        batches = self._batches(index, self.labels[index], params, [len(b) for b in chosen])
         labels: deque[torch.Tensor] = deque()
         try:
             for batch in batches[:LOOKAHEAD]:
@@ -304,7 +298,7 @@ class DaliLoader:
         self.images = torch.from_numpy(images).to(self.device)
         try:
             index = torch.arange(len(images), device=self.device)
-            ((_, _, inputs),) = self._batches(index, torch.zeros_like(index), params, len(images))
+            ((_, _, inputs),) = self._batches(index, torch.zeros_like(index), params, [len(images)])
             self._feed(index, inputs)
             self.pipe.schedule_run()
             return self._collect()
@@ -312,11 +306,13 @@ class DaliLoader:
             self.images = saved
 
     def _batches(
-        self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None, batch_size: int
+        self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None, sizes: list[int]
     ) -> list[tuple]:
-        """(image indices, labels, DALI inputs by name) per batch; the inputs are views into tensors made once."""
+        """(image indices, labels, DALI inputs by name) per batch of `sizes` images, cut from the epoch's `order`;
+        the inputs are views into tensors made once."""
         h, w, n = self.height, self.width, len(order)
-        spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+        ends = np.cumsum(sizes).tolist()
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
         if not self.train:
             return [(order[a:b], labels[a:b], {}) for a, b in spans]
         params = params.for_units(units_of(self.spec), self.device)
@@ -332,7 +328,8 @@ class DaliLoader:
             return [(order[a:b], labels[a:b], {k: v[a:b] for k, v in inputs.items()}) for a, b in spans]
         # batched graph, per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
         # image's first row in the tall image; holes (4 per Box unit, N, 1, 1). Made contiguous per sample once, here.
-        position = torch.arange(n, device=self.device) % batch_size % IMAGES_PER_SAMPLE
+        within = np.concatenate([np.arange(size) for size in sizes]) if sizes else np.zeros(0, np.int64)
+        position = torch.from_numpy(within % IMAGES_PER_SAMPLE).to(self.device)
         rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
         if self.layout.fills:
             rows["holes"] = holes

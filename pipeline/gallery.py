@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pipeline import AugSpec, DataError, load_cifar10, make_loader, resolve_root
+from pipeline import AugSpec, DataError, Order, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
 from pipeline.data import CLASSES
 
@@ -37,8 +37,7 @@ def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int,
         np.zeros(len(repeated), np.int64),
         len(repeated),
         spec=spec,
-        seed=seed,
-        shuffle=False,
+        order=Order(seed=seed, shuffle=False),
         device=device if kind == "dali" else "cpu",
         workers=0 if kind == "cpu" else 2,
     )

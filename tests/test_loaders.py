@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import LOADER_VARIANTS, build_loader, decode_index, indexed_images
 
-from pipeline import make_loader
+from pipeline import Loader, Order, make_loader
 from pipeline.spec import AugSpec
 
 N = 203  # odd on purpose: uneven shards and a partial last batch
@@ -40,6 +40,20 @@ def test_batches_shape_dtype_layout_and_len(variant, data):
     assert [len(y) for _, y in batches] == [64, 64, 64, N - 192]
     dropped = build_loader(variant, images, labels, 64, drop_last=True)
     assert len(dropped) == len(list(dropped)) == 3
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_every_loader_is_a_loader(variant, data):
+    """The contract is a type (pipeline.Loader): both loaders satisfy it, with the signatures it declares."""
+    import inspect
+
+    images, labels = data
+    loader = build_loader(variant, images, labels, 64, rank=1, world_size=2)
+    assert isinstance(loader, Loader)
+    assert isinstance(loader.num_samples, int) and loader.num_samples == len(range(1, N, 2))
+    assert list(inspect.signature(loader.set_epoch).parameters) == ["epoch"]
+    assert isinstance(len(loader), int)
+    assert not isinstance(object(), Loader)  # (the check is not vacuous)
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
@@ -107,13 +121,13 @@ def test_unknown_kind_and_bad_inputs_are_refused(data):
     with pytest.raises(ValueError, match="203 images but 3 labels"):
         make_loader("cpu", images, labels[:3], 8)
     with pytest.raises(ValueError, match="rank must be in"):
-        list(make_loader("cpu", images, labels, 8, rank=2, world_size=2, workers=0))
+        Order(rank=2, world_size=2)
 
 
 def test_cpu_loader_results_do_not_depend_on_worker_count(data):
     images, labels = data
-    a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=0)])
-    b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=2)])
+    a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, order=Order(seed=1), workers=0)])
+    b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, order=Order(seed=1), workers=2)])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
