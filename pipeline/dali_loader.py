@@ -25,7 +25,7 @@ import torch
 
 from pipeline.augs import units_of
 from pipeline.augs.unit import Box, Shift
-from pipeline.order import Order, epoch_batches, num_batches, shard_size
+from pipeline.order import Order, batch_sizes, epoch_batches, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
@@ -216,6 +216,8 @@ class DaliLoader:
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
         self.num_samples = shard_size(self.n, order)
+        # the pipelines' batch limit: a rank's last batch may hold one image more than batch_size (pipeline.order)
+        largest = max(batch_sizes(self.n, batch_size, order), default=batch_size)
         self.layout = graph_layout(spec)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
@@ -239,13 +241,13 @@ class DaliLoader:
                 train,
                 "gpu" if on_gpu else "cpu",
                 **extra,
-                batch_size=-(-batch_size // IMAGES_PER_SAMPLE),
+                batch_size=-(-largest // IMAGES_PER_SAMPLE),
                 **options,
             )
         elif self.graph == "per_image":
             if on_gpu:
                 raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
-            self.pipe = per_image_pipeline(spec, self.height, self.width, train, batch_size=batch_size, **options)
+            self.pipe = per_image_pipeline(spec, self.height, self.width, train, batch_size=largest, **options)
         else:
             raise ValueError(f"unknown DALI graph {graph!r}; choose batched or per_image")
         self.pipe.build()

@@ -165,3 +165,27 @@ def test_a_spec_that_cannot_work_for_the_images_is_refused(variant, data):
     with pytest.raises(ValueError, match="cutout_min_px=40 does not fit a 32x32 image"):
         build_loader(variant, images, labels, 8, spec=impossible)
     assert len(build_loader(variant, images, labels, 8, spec=impossible, train=False)) > 0
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_uneven_shards_give_every_rank_the_same_number_of_batches(variant):
+    """129 images, 2 ranks, 32 a batch: shards of 65 and 64 used to give 3 and 2 batches (a rank would wait for the
+    other in SyncBatchNorm at every epoch's end); now both give 2 and rank 0's last batch takes the odd image."""
+    n = 129
+    images, labels = indexed_images(n), np.arange(n) % 10
+    seen, sizes = [], []
+    for rank in range(2):
+        loader = build_loader(variant, images, labels, 32, rank=rank, world_size=2, spec=AugSpec.none())
+        got = [(decode_index(x), y.cpu().numpy()) for x, y in loader]
+        assert len(loader) == len(got) == 2
+        sizes.append([len(i) for i, _ in got])
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), labels[np.concatenate([i for i, _ in got])])
+        seen.extend(np.concatenate([i for i, _ in got]).tolist())
+    assert sizes == [[32, 33], [32, 32]]
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_fewer_images_than_ranks_is_refused(variant):
+    with pytest.raises(ValueError, match="1 image\\(s\\) cannot be shared by 2 ranks"):
+        build_loader(variant, indexed_images(1), np.zeros(1, np.int64), 8, rank=1, world_size=2)
