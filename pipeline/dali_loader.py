@@ -216,8 +216,9 @@ class DaliLoader:
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
         self.num_samples = shard_size(self.n, order)
-        # the pipelines' batch limit: a rank's last batch may hold one image more than batch_size (pipeline.order)
-        largest = max(batch_sizes(self.n, batch_size, order), default=batch_size)
+        # The pipelines' batch limit: batch_size (run_fixed's limit too), or one more where this rank's last batch
+        # takes its shard's odd image (pipeline.order).
+        largest = max([batch_size, *batch_sizes(self.n, batch_size, order)])
         self.layout = graph_layout(spec)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
@@ -295,7 +296,8 @@ class DaliLoader:
                     self.pipe.outputs()
 
     def run_fixed(self, images: np.ndarray, params: AugParams) -> torch.Tensor:
-        """Augment `images` with explicit parameters (the parity tests' seam); returns NCHW channels_last floats."""
+        """Augment `images` (uint8 [N, H, W, 3], N <= batch_size) with explicit parameters (the parity tests' seam);
+        returns float32 [N, 3, H, W] channels_last, normalized."""
         saved = self.images
         self.images = torch.from_numpy(images).to(self.device)
         try:
