@@ -1,14 +1,18 @@
-"""The DALI loader: flip, shift-scale-rotate, cutout and normalize, from the same AugSpec, on the GPU.
+"""The DALI loader: the AugSpec's augmentation units (pipeline/augs/) and normalize, from the same spec, on the GPU.
 
-Two graphs share one parameter design (pipeline.params) and one cutout+normalize function:
+Two graphs share one parameter design (pipeline.params) and one box-blend+normalize function, and compose the units
+by the kind of their effect (pipeline/augs/unit.py), so neither names an augmentation: every `Warp` folded into one
+sampling matrix per image, a `Shift` (pad-and-crop) clamping the whole-pixel grid before it, each `Box` (cutout) a
+mask blended with its fill. `GraphLayout` is what a spec's units put into a graph.
 
 * GPU (`batched_pipeline`): one DALI *sample* is a whole batch, N images stacked into one tall (N*32, 32, 3)
   image. DALI's cost is per sample and per operator, not per pixel, for 32x32 images, so a batch of one sample
   costs the same few operator launches at any N. Sampling maps for all N images are built with broadcasting
   arithmetic, clamped inside each image's own tile (that is the replicate border), and one `experimental.remap`
-  resamples everything. Cutout is a mask blend; normalize is arithmetic. The training set stays resident on the GPU.
+  resamples everything. Boxes are mask blends; normalize is arithmetic. The training set stays resident on the GPU.
 * CPU (`per_image_pipeline`): `experimental.remap` has no CPU implementation, so on a machine without a GPU each
-  sample is one image and `warp_affine` takes its matrix. Same matrices, same cutout and normalize code.
+  sample is one image and `warp_affine` takes its matrix (a second, whole-pixel one for a Shift). Same matrices,
+  same box and normalize code.
 
 Both emit NHWC float32; viewed as NCHW that is exactly torch's channels_last memory, so no transpose is ever made.
 """
