@@ -475,7 +475,7 @@ def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarr
         return None
     full = np.empty((n, probabilities.shape[1]), np.float32)
     for rank, shard in enumerate(shards):
-        full[epoch_indices(n, seed=0, epoch=0, shuffle=False, rank=rank, world_size=dist.world_size)] = shard
+        full[epoch_indices(n, 0, Order(shuffle=False, rank=rank, world_size=dist.world_size))] = shard
     return full
 
 
