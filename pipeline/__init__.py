@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import torch
 
 from pipeline.data import CLASSES, DataError, load_cifar10, resolve_root
+from pipeline.order import Order
 from pipeline.spec import AugSpec
 
 LOADERS = ("cpu", "dali")
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What both loaders are, and all that train, bench and the gallery use of them.
+
+    Iterating yields one epoch of (x, y): x float32 [B, 3, H, W] channels_last, normalized; y int64 [B]; both on
+    the loader's device. Each pass is the next epoch; `set_epoch(e)` makes the next pass epoch e (to resume, as
+    DistributedSampler). `len()` is the number of batches per epoch, the same on every rank; `num_samples` the images
+    in this rank's shard of an epoch.
+    """
+
+    num_samples: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 def make_loader(
@@ -19,21 +42,20 @@ def make_loader(
     *,
     spec: AugSpec | None = None,
     train: bool = True,
+    order: Order | None = None,
     device: str | torch.device = "cpu",
-    seed: int = 0,
-    shuffle: bool = True,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
     workers: int | None = None,
-):
-    """An iterable with len() yielding (x, y): x float32 [B,3,H,W] channels_last, normalized by `spec`, y int64 [B].
+) -> Loader:
+    """A Loader over uint8 images [N, H, W, 3] and int64 labels [N], in batches of `batch_size` per rank.
 
     kind "cpu": albumentations in DataLoader workers (the reference). kind "dali": NVIDIA DALI, GPU operators when
-    `device` is CUDA, DALI's CPU operators otherwise. `train=False` means normalization only. Across ranks every
-    sample comes exactly once per epoch; each pass over the loader is the next epoch (`set_epoch` to choose).
+    `device` is CUDA, DALI's CPU operators otherwise. `spec` (default: the seed's) says how to augment and normalize;
+    `train=False` means normalization only. `order` (default: shuffled from seed 0, one rank) says which images this
+    rank sees and in what batches: across ranks every image comes exactly once per epoch. `workers`: DataLoader
+    worker processes (cpu) or DALI threads. Raises ValueError for a bad kind, batch size, image array or spec.
     """
     spec = spec or AugSpec()
+    order = order or Order()
     if kind not in LOADERS:
         raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
     if batch_size <= 0:
@@ -42,17 +64,7 @@ def make_loader(
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    args = dict(
-        spec=spec,
-        train=train,
-        device=device,
-        seed=seed,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        rank=rank,
-        world_size=world_size,
-        workers=workers,
-    )
+    args = dict(spec=spec, train=train, order=order, device=device, workers=workers)
     if kind == "cpu":
         from pipeline.albu_loader import AlbumentationsLoader
 
@@ -62,4 +74,14 @@ def make_loader(
     return DaliLoader(images, labels, batch_size, **args)
 
 
-__all__ = ["AugSpec", "CLASSES", "DataError", "LOADERS", "load_cifar10", "make_loader", "resolve_root"]
+__all__ = [
+    "CLASSES",
+    "LOADERS",
+    "AugSpec",
+    "DataError",
+    "Loader",
+    "Order",
+    "load_cifar10",
+    "make_loader",
+    "resolve_root",
+]

@@ -30,6 +30,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
 NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32)  # (height, width) of every CIFAR-10 image
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_ROOT = "~/data/cifar10"  # the seed's default
 ENV_VAR = "CIFAR10_ROOT"
@@ -307,7 +308,7 @@ class _Builders:
         array._builders = self
         return array
 
-    def frombuffer(self, buf: object, dtype: object, shape: object, order: object, axis_order: object = None):  # noqa: ANN201
+    def frombuffer(self, buf: object, dtype: object, shape: object, order: object, axis_order: object = None):
         dtype = _plain_dtype(dtype)
         if type(buf) not in (bytes, bytearray) or order not in ("C", "F", "K") or len(buf) != _nbytes(shape, dtype):
             raise _Refused("it builds a numpy array from a buffer in a way numpy's pickling never does")
@@ -328,7 +329,7 @@ class _Builders:
         return text.encode("latin-1")
 
     @staticmethod
-    def scalar(dtype: object, data: object = None):  # noqa: ANN205
+    def scalar(dtype: object, data: object = None):
         dtype = _plain_dtype(dtype)
         if type(data) is not bytes or len(data) != dtype.itemsize:
             raise _Refused("it builds a numpy scalar in a way numpy's pickling never does")

@@ -1,25 +1,29 @@
 """`python -m pipeline.gallery`: the same training images raw, through albumentations and through DALI.
 
 Writes augmentations.png: one row per image; the raw image, then several draws of the albumentations loader, then
-several draws of the DALI loader (GPU graph on CUDA, DALI's CPU operators otherwise). Both loaders are built from the
-same AugSpec, so the two halves of a row should look like the same kind of thing.
+several draws of the DALI loader (GPU graph on CUDA, DALI's CPU operators otherwise), all from the spec `--aug`
+gives; then, for each augmentation unit (pipeline/augs/), one albumentations and one DALI draw of that unit alone and
+always applied, including those the spec leaves off (pad-and-crop at 4 px unless --aug sets pad_crop_px). Both
+loaders are built from the same AugSpec, so the two halves of each pair should look like the same kind of thing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from pipeline import AugSpec, DataError, load_cifar10, make_loader, resolve_root  # noqa: E402
-from pipeline.data import CLASSES  # noqa: E402
+from pipeline import AugSpec, DataError, Order, load_cifar10, make_loader, resolve_root
+from pipeline.augs import UNITS, Aug
+from pipeline.data import CLASSES
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
 
@@ -33,8 +37,7 @@ def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int,
         np.zeros(len(repeated), np.int64),
         len(repeated),
         spec=spec,
-        seed=seed,
-        shuffle=False,
+        order=Order(seed=seed, shuffle=False),
         device=device if kind == "dali" else "cpu",
         workers=0 if kind == "cpu" else 2,
     )
@@ -45,21 +48,24 @@ def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int,
     return pixels.reshape(n_draws, len(images), *images.shape[1:])
 
 
-def render(
-    images: np.ndarray, labels: np.ndarray, albu: np.ndarray, dali: np.ndarray, path: Path, dali_label: str
-) -> None:
-    n, n_draws = len(images), len(albu)
-    cols = 1 + 2 * n_draws
+def alone(spec: AugSpec, unit: Aug) -> AugSpec:
+    """`unit` alone, always applied, with the rest of its settings from `spec`; every other unit off."""
+    own = {f.name: getattr(spec, f.name) for f in unit.fields}
+    return dataclasses.replace(AugSpec.none(), **{**own, **unit.shown(spec)})
+
+
+def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """One row per image: the raw image, then each (title, [N, H, W, 3] uint8) column."""
+    n, cols = len(images), 1 + len(columns)
     fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + 0.4) * CELL_INCHES), squeeze=False)
     for row in range(n):
-        cells = [images[row], *albu[:, row], *dali[:, row]]
-        for col, cell in enumerate(cells):
+        cells = [("raw", images[row])] + [(title, column[row]) for title, column in columns]
+        for col, (title, cell) in enumerate(cells):
             ax = axes[row, col]
             ax.imshow(cell, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                title = "raw" if col == 0 else ("albumentations" if col <= n_draws else dali_label)
                 ax.set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(CLASSES[labels[row]], fontsize=7)
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + 0.4), bottom=0.01, wspace=0.05, hspace=0.05)
@@ -88,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     images, labels = train_x[: args.images], train_y[: args.images]
-    albu = draws("cpu", images, spec, args.draws, args.seed, device)
-    dali = draws("dali", images, spec, args.draws, args.seed, device)
+    dali_label = "DALI GPU" if device == "cuda" else "DALI (CPU mode)"
+    columns = [("albumentations", d) for d in draws("cpu", images, spec, args.draws, args.seed, device)]
+    columns += [(dali_label, d) for d in draws("dali", images, spec, args.draws, args.seed, device)]
+    for unit in UNITS:
+        only = alone(spec, unit)
+        columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
+        columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    render(images, labels, albu, dali, args.out, "DALI GPU" if device == "cuda" else "DALI (CPU mode)")
+    render(images, labels, columns, args.out)
     print(args.out)
     return 0
 

@@ -1,31 +1,93 @@
-"""Which images a rank sees in an epoch, in what order: shared by both loaders so they agree sample for sample."""
+"""Which images a rank sees in an epoch, in what batches: shared by both loaders so they agree sample for sample."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def epoch_indices(n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """This rank's dataset indices for `epoch`, in order.
+@dataclass(frozen=True)
+class Order:
+    """The shard and order settings a loader takes (instead of five keyword arguments).
+
+    seed:       the epoch's permutation comes from (seed, epoch) alone, so every rank computes the same one
+    shuffle:    False keeps the dataset's order (evaluation, predictions)
+    drop_last:  leave out the images that do not fill a last whole batch
+    rank, world_size: this process's shard of the epoch under torchrun (0 and 1 alone)
+
+    Raises ValueError for a rank outside [0, world_size).
+    """
+
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+
+
+def epoch_indices(n: int, epoch: int, order: Order) -> np.ndarray:
+    """This rank's shard of `epoch`: its dataset indices, in order.
 
     The permutation depends only on (seed, epoch), so every rank computes the same one and takes a disjoint stride of
-    it (rank, rank + world_size, ...), as DistributedSampler does, but without padding: across ranks every sample
-    appears exactly once per epoch (shards may differ in length by one).
+    it (rank, rank + world_size, ...), as DistributedSampler does but without padding: across ranks every image
+    appears exactly once per epoch, and shards differ in length by at most one. Raises ValueError if n < world_size.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return order[rank::world_size]
+    _check_every_rank_has_an_image(n, order)
+    permutation = np.random.default_rng([order.seed, epoch]).permutation(n) if order.shuffle else np.arange(n)
+    return permutation[order.rank :: order.world_size]
 
 
-def shard_size(n: int, rank: int, world_size: int) -> int:
-    return len(range(rank, n, world_size))
+def shard_size(n: int, order: Order) -> int:
+    """Images in this rank's shard of an n-image epoch: n // world_size, or one more for the first n % world_size
+    ranks. Raises ValueError if n < world_size."""
+    _check_every_rank_has_an_image(n, order)
+    return len(range(order.rank, n, order.world_size))
 
 
-def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+def num_batches(n: int, batch_size: int, order: Order) -> int:
+    """Batches per epoch of an n-image split: the same on every rank, by construction.
+
+    It is counted on the smallest shard, k = n // world_size images: k // batch_size with drop_last, else
+    ceil(k / batch_size). A rank whose shard holds one image more puts it into its last batch (see `batch_sizes`),
+    so no rank ever waits for another's extra batch: DDP needs no Join and SyncBatchNorm cannot hang at the end of
+    an epoch. Raises ValueError if n < world_size.
+    """
+    _check_every_rank_has_an_image(n, order)
+    smallest = n // order.world_size
+    return smallest // batch_size if order.drop_last else math.ceil(smallest / batch_size)
+
+
+def batch_sizes(n: int, batch_size: int, order: Order) -> list[int]:
+    """This rank's batch sizes per epoch: `batch_size` each, except without drop_last the last, which takes the
+    rest of the shard: 1 .. batch_size + 1 images (batch_size + 1 when the smallest shard fills its batches exactly
+    and this rank holds one image more). With drop_last every batch is full and a rank's leftover images (fewer
+    than batch_size + 1) wait for another epoch's shuffle. Raises ValueError if n < world_size."""
+    count = num_batches(n, batch_size, order)
+    if order.drop_last or count == 0:
+        return [batch_size] * count
+    return [batch_size] * (count - 1) + [shard_size(n, order) - (count - 1) * batch_size]
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, order: Order) -> list[np.ndarray]:
+    """This rank's batches of dataset indices for `epoch` (the shard of `epoch_indices` cut by `batch_sizes`): what
+    both loaders yield, batch by batch. Raises ValueError if n < world_size."""
+    indices = epoch_indices(n, epoch, order)
+    ends = np.cumsum(batch_sizes(n, batch_size, order))
+    return np.split(indices[: ends[-1]], ends[:-1]) if len(ends) else []
+
+
+def _check_every_rank_has_an_image(n: int, order: Order) -> None:
+    if n < order.world_size:
+        raise ValueError(
+            f"{n} image(s) cannot be shared by {order.world_size} ranks: every rank needs at least one; "
+            "use more images or fewer ranks"
+        )
 
 
 def sample_seeds(n: int, *, seed: int, epoch: int) -> np.ndarray:

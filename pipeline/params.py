@@ -1,135 +1,123 @@
 """Per-image augmentation parameters for the DALI loader: drawn densely, a whole epoch per call, on the device.
 
 Why here and not inside the DALI graph: DALI's random operators feed *argument* inputs from the CPU, one sample at a
-time, which caps a 32x32 pipeline near 46k img/s (see README, "The DALI pipeline"). One torch
-pass per epoch draws every parameter for every image on the GPU; DALI then applies them. The distributions are the
-ones albumentations 2.x draws from for the same AugSpec (tests/test_parity.py checks them against each other):
-
-  flip, ssr, cutout   Bernoulli(flip_p), Bernoulli(ssr_p), Bernoulli(cutout_p)
-  shift_x, shift_y    trunc(U(-f, f) * size) whole pixels (albumentations' Affine does int() of the fraction * size)
-  scale               U(1 - d, 1 + d), isotropic
-  angle               U(-r, r) degrees
-  hole_h, hole_w      integers uniform in [cutout_min_px, cutout_max_px] (capped at the image size)
-  hole_y, hole_x      integers uniform in [0, size - hole], so the hole lies fully inside the image
+time, which caps a 32x32 pipeline near 46k img/s (see README, "The DALI pipeline"). One torch.rand per epoch draws
+every uniform for every image on the GPU; each unit (pipeline/augs/) turns its rows into its parameter columns with
+the distributions albumentations 2.x draws from for the same AugSpec (tests/test_parity.py checks them against each
+other), and DALI then applies them.
 
 The same numbers can also be given explicitly (`AugParams.fixed`): that is the seam the parity tests use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
+from pipeline.augs import UNITS, Aug, unit_of_column, units_of
+from pipeline.augs.unit import Box, Shift, Warp
 from pipeline.spec import AugSpec
 
 
 @dataclass
 class AugParams:
-    """One row per image. Booleans say whether an augmentation applies; the rest are its values."""
+    """Parameters of n images: one (n,) tensor per parameter name (bool for "applied" flags, float32 otherwise).
 
-    flip: torch.Tensor  # bool
-    ssr: torch.Tensor  # bool
-    shift_x: torch.Tensor  # float, whole pixels
-    shift_y: torch.Tensor
-    scale: torch.Tensor
-    angle: torch.Tensor  # degrees
-    cutout: torch.Tensor  # bool
-    hole_y: torch.Tensor  # float, whole pixels: top-left corner and size
-    hole_x: torch.Tensor
-    hole_h: torch.Tensor
-    hole_w: torch.Tensor
+    Holds the columns of some units, all of each; a unit that is absent is not applied to any image."""
+
+    columns: dict[str, torch.Tensor]
+    n: int
 
     def __len__(self) -> int:
-        return len(self.flip)
+        return self.n
 
-    def row(self, i: int) -> dict[str, float | bool]:
-        return {f.name: getattr(self, f.name)[i].item() for f in fields(self)}
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.columns[name]
+
+    @property
+    def units(self) -> tuple[Aug, ...]:
+        """The units these parameters are for, in composition order."""
+        return tuple(unit for unit in UNITS if next(iter(unit.columns)) in self.columns)
 
     @classmethod
-    def fixed(cls, rows: list[dict[str, float | bool]], device: str | torch.device = "cpu") -> AugParams:
-        """Explicit parameters (missing keys mean 'not applied'), for tests and for looking at one augmentation."""
-        defaults = {
-            "flip": False,
-            "ssr": False,
-            "shift_x": 0.0,
-            "shift_y": 0.0,
-            "scale": 1.0,
-            "angle": 0.0,
-            "cutout": False,
-            "hole_y": 0.0,
-            "hole_x": 0.0,
-            "hole_h": 0.0,
-            "hole_w": 0.0,
-        }
-        unknown = {k for r in rows for k in r} - defaults.keys()
-        if unknown:
-            raise ValueError(f"unknown augmentation parameters {sorted(unknown)}")
-        columns = {}
-        for name, default in defaults.items():
-            values = [r.get(name, default) for r in rows]
-            dtype = torch.bool if isinstance(default, bool) else torch.float32
-            columns[name] = torch.tensor(values, dtype=dtype, device=device)
-        return cls(**columns)
+    def fixed(cls, rows: list[Mapping[str, float | bool]], device: str | torch.device = "cpu") -> AugParams:
+        """Explicit parameters, one row per image, keyed by parameter name (see each unit's `columns`). A unit any
+        row names gets all its columns; a key a row leaves out takes its 'not applied' value. For tests and for
+        looking at one augmentation. Raises ValueError for an unknown name."""
+        named = {unit_of_column(name).name for row in rows for name in row}
+        columns: dict[str, torch.Tensor] = {}
+        for unit in UNITS:
+            if unit.name in named:
+                for name, default in unit.columns.items():
+                    dtype = torch.bool if isinstance(default, bool) else torch.float32
+                    values = [row.get(name, default) for row in rows]
+                    columns[name] = torch.tensor(values, dtype=dtype, device=device)
+        return cls(columns, len(rows))
+
+    def for_units(self, units: Iterable[Aug], device: str | torch.device) -> AugParams:
+        """The same parameters with every unit of `units` present ('not applied' where it was absent).
+
+        Raises ValueError if these parameters hold a unit outside `units` (a loader whose spec does not include
+        an augmentation cannot apply it)."""
+        units = tuple(units)
+        extra = [unit.name for unit in self.units if unit not in units]
+        if extra:
+            raise ValueError(f"parameters for {', '.join(extra)}, which this spec does not include")
+        columns = dict(self.columns)
+        for unit in units:
+            for name, default in unit.columns.items():
+                if name not in columns:
+                    dtype = torch.bool if isinstance(default, bool) else torch.float32
+                    columns[name] = torch.full((self.n,), default, dtype=dtype, device=device)
+        return AugParams(columns, self.n)
 
 
 def draw_params(
     spec: AugSpec, n: int, height: int, width: int, generator: torch.Generator, device: torch.device | str
 ) -> AugParams:
-    """Draw the parameters of `n` images in one pass (11 uniforms per image)."""
-    u = torch.rand((11, n), generator=generator, device=device)
-    ssr = u[1] < spec.ssr_p
-    hole_h_max = min(spec.cutout_max_px, height)
-    hole_w_max = min(spec.cutout_max_px, width)
-    hole_h = spec.cutout_min_px + torch.floor(u[7] * (hole_h_max - spec.cutout_min_px + 1))
-    hole_w = spec.cutout_min_px + torch.floor(u[8] * (hole_w_max - spec.cutout_min_px + 1))
-    # Where SSR is off the warp is the identity, so an image without SSR is never resampled.
-    return AugParams(
-        flip=u[0] < spec.flip_p,
-        ssr=ssr,
-        shift_x=torch.where(ssr, torch.trunc((2 * u[2] - 1) * spec.shift_max_frac * width), 0.0),
-        shift_y=torch.where(ssr, torch.trunc((2 * u[3] - 1) * spec.shift_max_frac * height), 0.0),
-        scale=torch.where(ssr, 1 + (2 * u[4] - 1) * spec.scale_max_delta, 1.0),
-        angle=torch.where(ssr, (2 * u[5] - 1) * spec.rotate_max_deg, 0.0),
-        cutout=u[6] < spec.cutout_p,
-        hole_h=hole_h,
-        hole_w=hole_w,
-        hole_y=torch.floor(u[9] * (height - hole_h + 1)),
-        hole_x=torch.floor(u[10] * (width - hole_w + 1)),
-    )
+    """Draw the parameters of `n` images of (height, width) px for every unit `spec` includes, in one torch.rand of
+    (sum of the units' uniforms, n) float32 on `device` (11 rows for the seed's spec)."""
+    units = units_of(spec)
+    u = torch.rand((sum(unit.uniforms for unit in units), n), generator=generator, device=device)
+    columns: dict[str, torch.Tensor] = {}
+    first = 0
+    for unit in units:
+        columns.update(unit.draw(spec, u[first : first + unit.uniforms], height, width))
+        first += unit.uniforms
+    return AugParams(columns, n)
 
 
 def sampling_matrices(params: AugParams, height: int, width: int) -> torch.Tensor:
-    """The (N, 2, 3) destination->source matrices of the whole geometric part (SSR, then flip), pixel centres.
+    """The (N, 2, 3) float32 destination->source matrices of the composed warp, OpenCV's pixel-centre convention.
 
-    For each output pixel (x, y) the source position is A @ (x, y, 1). The flip is folded in: out(x, y) =
-    warped(w - 1 - x, y), so A = inverse(SSR) @ F with F(x, y) = (w - 1 - x, y). Double precision here, float32 out.
-    """
-    cx, cy = width / 2 - 0.5, height / 2 - 0.5
-    rad = torch.deg2rad(params.angle.double())
-    inv_s = 1.0 / params.scale.double()
-    # inverse of dst = c + t + s R (src - c):  src = c + (1/s) R^T (dst - c - t),  R^T = [[cos, -sin], [sin, cos]]
-    a, b = torch.cos(rad) * inv_s, -torch.sin(rad) * inv_s
-    d, e = torch.sin(rad) * inv_s, torch.cos(rad) * inv_s
-    ox, oy = cx + params.shift_x.double(), cy + params.shift_y.double()
-    c = cx - (a * ox + b * oy)
-    f = cy - (d * ox + e * oy)
-    # fold the flip in: x -> (w - 1) - x
-    flip = params.flip
-    c = torch.where(flip, c + a * (width - 1), c)
-    f = torch.where(flip, f + d * (width - 1), f)
-    a = torch.where(flip, -a, a)
-    d = torch.where(flip, -d, d)
-    return torch.stack([torch.stack([a, b, c], -1), torch.stack([d, e, f], -1)], -2).float()
+    For each output pixel (x, y) the source position is A @ (x, y, 1), A the product of the `Warp` units' matrices
+    in application order (seed: A = inverse(SSR) @ F, F the flip x -> w - 1 - x), composed in float64. Sampling at
+    the clamped source position is the replicate border. A `Shift` unit (see `grid_shifts`) applies after it."""
+    a = torch.eye(3, dtype=torch.float64, device=_device(params)).expand(params.n, 3, 3)
+    for unit in params.units:
+        if isinstance(unit.effect, Warp):
+            m = unit.effect.matrix(params.columns, height, width)
+            a = a @ torch.cat([m, a.new_tensor([0.0, 0.0, 1.0]).expand(params.n, 1, 3)], 1)
+    return a[:, :2].float()
+
+
+def grid_shifts(params: AugParams) -> torch.Tensor:
+    """(N, 2k) float32 (x, y) whole-pixel offsets of the k `Shift` units present (k <= 1; (N, 0) when none)."""
+    parts = [unit.effect.offsets(params.columns) for unit in params.units if isinstance(unit.effect, Shift)]
+    return torch.cat(parts, 1) if parts else torch.zeros((params.n, 0), device=_device(params))
 
 
 def hole_boxes(params: AugParams) -> torch.Tensor:
-    """(N, 4) float [y0, x0, y1, x1) of the cutout hole in output pixels; an empty box where cutout is off."""
-    y0 = torch.where(params.cutout, params.hole_y, 0.0)
-    x0 = torch.where(params.cutout, params.hole_x, 0.0)
-    y1 = torch.where(params.cutout, params.hole_y + params.hole_h, 0.0)
-    x1 = torch.where(params.cutout, params.hole_x + params.hole_w, 0.0)
-    return torch.stack([y0, x0, y1, x1], -1).float()
+    """(N, 4k) float32: for each of the k `Box` units present (the seed's: cutout), [y0, x0, y1, x1) in output
+    pixels, an empty box where it is not applied."""
+    parts = [unit.effect.box(params.columns) for unit in params.units if isinstance(unit.effect, Box)]
+    return torch.cat(parts, 1) if parts else torch.zeros((params.n, 0), device=_device(params))
+
+
+def _device(params: AugParams) -> torch.device:
+    return next(iter(params.columns.values())).device if params.columns else torch.device("cpu")
 
 
 def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device | str) -> torch.Generator:

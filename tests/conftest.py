@@ -58,7 +58,7 @@ def dali_available() -> bool:
     return True
 
 
-def opencv_remap(images, src_x, src_y):  # noqa: ANN001, ANN201
+def opencv_remap(images, src_x, src_y):
     """OpenCV standing in for DALI's GPU-only remap, so the batched (GPU) graph runs on a CPU-only machine."""
     from nvidia.dali import fn
 
@@ -72,13 +72,18 @@ def opencv_remap(images, src_x, src_y):  # noqa: ANN001, ANN201
 LOADER_VARIANTS = ["cpu", "dali-per-image", "dali-batched-cpu", "dali-gpu"]
 
 
-def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):  # noqa: ANN201
-    from pipeline import make_loader
+ORDER_FIELDS = ("seed", "shuffle", "drop_last", "rank", "world_size")
+
+
+def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):
+    """A loader of one variant; `kw` takes make_loader's keywords and, for brevity, Order's fields."""
+    from pipeline import Order, make_loader
 
     if variant.startswith("dali") and not dali_available():
         pytest.skip("DALI is not installed")
     if variant == "dali-gpu" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    kw["order"] = Order(**{name: kw.pop(name) for name in ORDER_FIELDS if name in kw})
     if variant == "cpu":
         return make_loader("cpu", images, labels, batch_size, workers=kw.pop("workers", 0), **kw)
     if variant == "dali-gpu":
@@ -86,9 +91,7 @@ def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_siz
     from pipeline.dali_loader import DaliLoader
     from pipeline.spec import AugSpec
 
-    args = dict(
-        spec=AugSpec(), train=True, device="cpu", seed=0, shuffle=True, drop_last=False, rank=0, world_size=1, workers=2
-    )
+    args = dict(spec=AugSpec(), train=True, device="cpu", workers=2)
     args.update(kw)
     if variant == "dali-batched-cpu":
         return DaliLoader(images, labels, batch_size, graph="batched", remap=opencv_remap, **args)

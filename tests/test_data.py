@@ -455,7 +455,7 @@ def test_permission_denied_says_so(copy, locked):
 def test_permission_denied_on_open_says_so(copy, monkeypatch):
     """The same with the error raised by a patched open() (works for any user, root included)."""
 
-    def refuse(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def refuse(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(pipeline.data, "open", refuse, raising=False)
@@ -479,7 +479,7 @@ def archive(tiny_cifar, tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture()
 def offline(monkeypatch) -> None:
-    def no_network(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_network(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
@@ -563,7 +563,7 @@ def test_download_into_a_file_is_one_line(tmp_path, offline):
 
 
 def test_extracting_where_writing_is_denied_says_so(archive, monkeypatch):
-    def refuse(*args, dir=None, **kwargs):  # noqa: A002, ANN002, ANN003, ANN202, ANN001
+    def refuse(*args, dir=None, **kwargs):
         raise PermissionError(13, "Permission denied", dir)
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)

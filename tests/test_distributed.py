@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(port: int, out: Path, data: str, *args: str, popen: bool = False):  # noqa: ANN201
+def torchrun(port: int, out: Path, data: str, *args: str, popen: bool = False):
     command = [
         sys.executable,
         "-m",
@@ -114,7 +114,7 @@ def test_two_rank_run(loader, odd_cifar, tmp_path):
     assert result.stdout.count("epoch 1/2:") == 1  # rank 0 alone reports
 
 
-def _rank_main(rank: int, port: int, variant: str, queue) -> None:  # noqa: ANN001
+def _rank_main(rank: int, port: int, variant: str, queue) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         images, labels = indexed_images(N_TRAIN), np.arange(N_TRAIN) % 10

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import LOADER_VARIANTS, build_loader, decode_index, indexed_images
 
-from pipeline import make_loader
+from pipeline import Loader, Order, make_loader
 from pipeline.spec import AugSpec
 
 N = 203  # odd on purpose: uneven shards and a partial last batch
@@ -40,6 +40,20 @@ def test_batches_shape_dtype_layout_and_len(variant, data):
     assert [len(y) for _, y in batches] == [64, 64, 64, N - 192]
     dropped = build_loader(variant, images, labels, 64, drop_last=True)
     assert len(dropped) == len(list(dropped)) == 3
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_every_loader_is_a_loader(variant, data):
+    """The contract is a type (pipeline.Loader): both loaders satisfy it, with the signatures it declares."""
+    import inspect
+
+    images, labels = data
+    loader = build_loader(variant, images, labels, 64, rank=1, world_size=2)
+    assert isinstance(loader, Loader)
+    assert isinstance(loader.num_samples, int) and loader.num_samples == len(range(1, N, 2))
+    assert list(inspect.signature(loader.set_epoch).parameters) == ["epoch"]
+    assert isinstance(len(loader), int)
+    assert not isinstance(object(), Loader)  # (the check is not vacuous)
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
@@ -107,13 +121,13 @@ def test_unknown_kind_and_bad_inputs_are_refused(data):
     with pytest.raises(ValueError, match="203 images but 3 labels"):
         make_loader("cpu", images, labels[:3], 8)
     with pytest.raises(ValueError, match="rank must be in"):
-        list(make_loader("cpu", images, labels, 8, rank=2, world_size=2, workers=0))
+        Order(rank=2, world_size=2)
 
 
 def test_cpu_loader_results_do_not_depend_on_worker_count(data):
     images, labels = data
-    a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=0)])
-    b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, seed=1, workers=2)])
+    a = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, order=Order(seed=1), workers=0)])
+    b = torch.cat([x for x, _ in make_loader("cpu", images, labels, 50, order=Order(seed=1), workers=2)])
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -140,3 +154,38 @@ def test_dali_loader_does_little_host_work_per_batch(variant, most):
     images = np.zeros((64 * 12, 32, 32, 3), np.uint8)
     mean, ops = ops_per_batch(build_loader(variant, images, np.zeros(len(images), np.int64), 64))
     assert mean <= most, ops.most_common(5)
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_a_spec_that_cannot_work_for_the_images_is_refused(variant, data):
+    """Both loaders refuse it the same way (albumentations used to raise mid-epoch, DALI to train on grey images);
+    a loader that only normalizes does not augment, so it does not care."""
+    images, labels = data
+    impossible = AugSpec(cutout_min_px=40, cutout_max_px=40)
+    with pytest.raises(ValueError, match="cutout_min_px=40 does not fit a 32x32 image"):
+        build_loader(variant, images, labels, 8, spec=impossible)
+    assert len(build_loader(variant, images, labels, 8, spec=impossible, train=False)) > 0
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_uneven_shards_give_every_rank_the_same_number_of_batches(variant):
+    """129 images, 2 ranks, 32 a batch: shards of 65 and 64 used to give 3 and 2 batches (a rank would wait for the
+    other in SyncBatchNorm at every epoch's end); now both give 2 and rank 0's last batch takes the odd image."""
+    n = 129
+    images, labels = indexed_images(n), np.arange(n) % 10
+    seen, sizes = [], []
+    for rank in range(2):
+        loader = build_loader(variant, images, labels, 32, rank=rank, world_size=2, spec=AugSpec.none())
+        got = [(decode_index(x), y.cpu().numpy()) for x, y in loader]
+        assert len(loader) == len(got) == 2
+        sizes.append([len(i) for i, _ in got])
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), labels[np.concatenate([i for i, _ in got])])
+        seen.extend(np.concatenate([i for i, _ in got]).tolist())
+    assert sizes == [[32, 33], [32, 32]]
+    assert sorted(seen) == list(range(n))
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS)
+def test_fewer_images_than_ranks_is_refused(variant):
+    with pytest.raises(ValueError, match="1 image\\(s\\) cannot be shared by 2 ranks"):
+        build_loader(variant, indexed_images(1), np.zeros(1, np.int64), 8, rank=1, world_size=2)

@@ -1,28 +1,37 @@
-"""DALI against the albumentations reference: identity, explicit parameters, and the distributions of random ones.
+"""DALI against the albumentations reference, unit by unit (pipeline/augs/): identity, explicit parameters, each
+unit's conventions, and the distributions of random draws read back from each unit's probe image.
 
 Every DALI graph is held to albumentations: the per-image CPU graph, the batched GPU graph run on the CPU with
-OpenCV standing in for its GPU-only remap, and (when a GPU is present) the batched graph on the GPU itself.
+OpenCV standing in for its GPU-only remap, and (when a GPU is present) the batched graph on the GPU itself. Nothing
+here names an augmentation: the tests loop over the units and what each one declares.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import LOADER_VARIANTS, build_loader, smooth_images
 
-from pipeline.albu_loader import apply_fixed, build_transform
+from pipeline.albu_loader import apply_fixed
+from pipeline.augs import UNITS, Aug, units_of
+from pipeline.augs.probe import Coverage, Discrete, Expectation, Holds, Rate, Readings, Uniform
 from pipeline.params import AugParams
 from pipeline.spec import AugSpec
 
 DALI_VARIANTS = [v for v in LOADER_VARIANTS if v.startswith("dali")]
-SPEC = AugSpec()
+SIZE = 32
+# The seed's spec, and one that includes every unit (pad-and-crop is off by default) at its probe settings.
+SPECS = {
+    "seed": AugSpec(),
+    "every-unit": AugSpec(**{name: value for unit in UNITS for name, value in unit.probe.on.items()}),
+}
 
 
-def to_pixels(x: torch.Tensor, spec: AugSpec = SPEC) -> np.ndarray:
+def to_pixels(x: torch.Tensor, spec: AugSpec) -> np.ndarray:
     """Normalized [B,3,H,W] back to [0, 255] HWC float64, unrounded."""
     mean = torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)
@@ -44,46 +53,37 @@ def test_every_probability_zero_gives_the_plain_normalized_image(variant):
 # --- 2. explicit parameters -----------------------------------------------------------------------------------------
 
 
-def _grid() -> list[dict]:
-    rows = []
-    for flip, shift, scale, angle in itertools.product(
-        (False, True), ((0, 0), (1, -1), (-1, 1)), (0.95, 1.0, 1.05), (-5.0, -2.5, 0.0, 2.5, 5.0)
-    ):
-        rows.append(
-            {
-                "flip": flip,
-                "ssr": True,
-                "shift_x": float(shift[0]),
-                "shift_y": float(shift[1]),
-                "scale": scale,
-                "angle": angle,
-            }
-        )
-    holes = [(0, 0, 1, 1), (20, 20, 12, 12), (5, 17, 3, 9), (31, 0, 1, 12), (10, 31, 12, 1)]
-    for k, (y, x, h, w) in enumerate(holes):
-        rows.append({"cutout": True, "hole_y": y, "hole_x": x, "hole_h": h, "hole_w": w, "flip": k % 2 == 1})
-        rows.append({**rows[k * 7], "cutout": True, "hole_y": y, "hole_x": x, "hole_h": h, "hole_w": w})
-    rows.append({"flip": True})
-    rows.append({})
-    return rows
+def grid(spec: AugSpec) -> list[dict]:
+    """Every row of every unit the spec includes, alone and combined with one row of each other unit (cycled
+    through their rows), plus the empty row."""
+    units = units_of(spec)
+    rows: list[dict] = []
+    for unit in units:
+        for i, row in enumerate(unit.probe.rows):
+            combined = {}
+            for other in units:
+                combined.update(row if other is unit else other.probe.rows[i % len(other.probe.rows)])
+            rows += [dict(row), combined]
+    return [*rows, {}]
 
 
-def _dali_fixed(variant: str, images: np.ndarray, rows: list[dict]) -> np.ndarray:
-    loader = build_loader(variant, images[:1], np.zeros(1, np.int64), len(rows))
-    return to_pixels(loader.run_fixed(images, AugParams.fixed(rows, device=loader.device)))
+def dali_fixed(variant: str, spec: AugSpec, images: np.ndarray, rows: list[dict]) -> np.ndarray:
+    loader = build_loader(variant, images[:1], np.zeros(1, np.int64), len(rows), spec=spec)
+    return to_pixels(loader.run_fixed(images, AugParams.fixed(rows, device=loader.device)), spec)
 
 
-def _albu_fixed(images: np.ndarray, rows: list[dict]) -> np.ndarray:
-    transform = build_transform(SPEC)
-    out = np.stack([apply_fixed(transform, image, row) for image, row in zip(images, rows, strict=True)])
-    return to_pixels(torch.from_numpy(out).permute(0, 3, 1, 2))
+def albu_fixed(spec: AugSpec, images: np.ndarray, rows: list[dict]) -> np.ndarray:
+    out = np.stack([apply_fixed(spec, image, row) for image, row in zip(images, rows, strict=True)])
+    return to_pixels(torch.from_numpy(out).permute(0, 3, 1, 2), spec)
 
 
+@pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
-def test_explicit_parameters_match_albumentations(variant):
-    rows = _grid()
+def test_explicit_parameters_match_albumentations(variant, spec_name):
+    spec = SPECS[spec_name]
+    rows = grid(spec)
     images = smooth_images(len(rows), seed=3)
-    dali, albu = _dali_fixed(variant, images, rows), _albu_fixed(images, rows)
+    dali, albu = dali_fixed(variant, spec, images, rows), albu_fixed(spec, images, rows)
     diff = np.abs(dali - albu) / 255  # in [0, 1] image units
     interior = diff[:, 2:-2, 2:-2]
     worst = int(interior.max(axis=(1, 2, 3)).argmax())
@@ -94,193 +94,133 @@ def test_explicit_parameters_match_albumentations(variant):
     )
 
 
+CONVENTIONS = [(unit, c) for unit in UNITS for c in unit.probe.conventions]
+
+
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
-def test_rotation_direction_and_pixel_centres_are_albumentations(variant):
-    """Found by test, not assumed: the opposite rotation sign, or a half-pixel offset of the centre (what mixing
-    DALI's pixel-corner and OpenCV's pixel-centre conventions gives), must be clearly worse than the chosen one."""
-    images = smooth_images(8, seed=4)
-    rows = [{"ssr": True, "angle": 5.0, "scale": 1.05}] * 4 + [{"ssr": True, "angle": -5.0, "scale": 0.95}] * 4
-    albu = _albu_fixed(images, rows)
+@pytest.mark.parametrize("unit, convention", CONVENTIONS, ids=[f"{u.name}-{c.what}" for u, c in CONVENTIONS])
+def test_conventions_are_albumentations(variant, unit, convention):
+    """Found by test, not assumed: what mixing up a convention would draw must match albumentations clearly worse
+    than the chosen convention (and the chosen one must match well)."""
+    spec = SPECS["every-unit"]
+    rows = list(convention.rows)
+    images = smooth_images(len(rows), seed=4)
+    albu = albu_fixed(spec, images, rows)
 
-    def error(candidate_rows: list[dict]) -> float:
-        return float(np.abs(_dali_fixed(variant, images, candidate_rows) - albu)[:, 3:-3, 3:-3].mean())
+    def error(candidate: list[dict]) -> float:
+        return float(np.abs(dali_fixed(variant, spec, images, candidate) - albu)[:, 3:-3, 3:-3].mean())
 
-    chosen = error(rows)
-    mirrored = error([{**r, "angle": -r["angle"]} for r in rows])
-    assert chosen < 0.5 and mirrored > 10 * chosen
-    # A pixel-corner/pixel-centre mix-up moves the whole image by half a pixel; show that this test would see it.
-    half_pixel_off = error([{**r, "shift_x": 0.5, "shift_y": 0.5} for r in rows])
-    assert half_pixel_off > 10 * chosen
+    chosen, mistaken = error(rows), error([convention.mistake(row) for row in rows])
+    assert chosen < 0.5 and mistaken > 10 * chosen, f"{convention.what}: {chosen:.3f} vs mistaken {mistaken:.3f}"
 
 
-# --- 3. distributions of random parameters ------------------------------------------------------------------------
+# --- 3. distributions of random parameters, read back from each unit's probe image ----------------------------------
 
 SAMPLES = 20_000
-SIZE = 32
+ALPHA = 0.001  # every distribution test rejects at this level
 Z_999 = 3.2905  # two-sided 99.9% normal quantile
-CHI2_999 = {2: 13.816, 11: 31.264}  # chi-square critical values at p = 0.001 for these degrees of freedom
 
 
-def probe_image() -> np.ndarray:
-    """R and G are ramps that encode the source x and y of every pixel (bilinear resampling keeps a linear ramp
-    exact), B is 0 so the cutout's mid-grey fill stands out. From one output we read flip, the full affine map and
-    the hole."""
-    ramp = 8 * np.arange(SIZE) + 4
-    image = np.zeros((SIZE, SIZE, 3), np.uint8)
-    image[..., 0] = ramp[None, :]
-    image[..., 1] = ramp[:, None]
-    return image
+def probe_spec(unit: Aug) -> AugSpec:
+    """The unit alone: its fields at their defaults and its probe's settings, every other unit off."""
+    return AugSpec.none(**{**{f.name: f.default for f in unit.fields}, **unit.probe.on})
 
 
-def measure(pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Per image: flip, the SSR parameters it had (scale, angle, shift), and the cutout hole, read off the pixels."""
-    n = len(pixels)
-    hole = pixels[..., 2] > 64
-    src_x, src_y = (pixels[..., 0] - 4) / 8, (pixels[..., 1] - 4) / 8
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
-    # fit src = A @ (x, y, 1) per image on the pixels that are neither in the hole nor clamped at the border
-    use = ~hole & (src_x > 0.3) & (src_x < SIZE - 1.3) & (src_y > 0.3) & (src_y < SIZE - 1.3)
-    shape = (n, SIZE, SIZE)
-    basis = np.stack([np.broadcast_to(x, shape), np.broadcast_to(y, shape), np.ones(shape)], -1) * use[..., None]
-    gram = np.einsum("nhwi,nhwj->nij", basis, basis)
-    a, b, c = np.linalg.solve(gram, np.einsum("nhwi,nhw->ni", basis, src_x)[..., None])[..., 0].T
-    d, e, f = np.linalg.solve(gram, np.einsum("nhwi,nhw->ni", basis, src_y)[..., None])[..., 0].T
-    flip = a < 0
-    # undo the flip (x -> W-1-x) to get the inverse of the shift-scale-rotate alone
-    c, f = np.where(flip, c + a * (SIZE - 1), c), np.where(flip, f + d * (SIZE - 1), f)
-    a, d = np.where(flip, -a, a), np.where(flip, -d, d)
-    inv_scale = np.sqrt(a * e - b * d)
-    angle = np.degrees(np.arctan2(d, a))
-    # src = M dst + v with v = centre - M (centre + t)  =>  t = M^-1 (centre - v) - centre
-    centre, det = SIZE / 2 - 0.5, a * e - b * d
-    wx, wy = centre - c, centre - f
-    shift_x = (e * wx - b * wy) / det - centre
-    shift_y = (-d * wx + a * wy) / det - centre
-    ssr = (np.abs(inv_scale - 1) > 1e-3) | (np.abs(angle) > 0.05) | (np.abs(shift_x) > 0.5) | (np.abs(shift_y) > 0.5)
-    rows, cols = hole.any(2), hole.any(1)
-    hole_h, hole_w = rows.sum(1), cols.sum(1)
-    return {
-        "flip": flip,
-        "ssr": ssr,
-        "scale": 1 / inv_scale,
-        "angle": angle,
-        "shift_x": np.round(shift_x),
-        "shift_y": np.round(shift_y),
-        "shift_err": np.maximum(np.abs(shift_x - np.round(shift_x)), np.abs(shift_y - np.round(shift_y))),
-        "cutout": hole.any((1, 2)),
-        "hole": hole,
-        "hole_h": hole_h,
-        "hole_w": hole_w,
-        "hole_is_rectangle": hole.sum((1, 2)) == hole_h * hole_w,
-    }
+_measured: dict[tuple[str, str], Readings] = {}
 
 
-_measured: dict[str, dict[str, np.ndarray]] = {}
+def measured(unit: Aug, variant: str) -> Readings:
+    key = (unit.name, variant)
+    if key not in _measured:
+        spec = probe_spec(unit)
+        images = np.broadcast_to(unit.probe.image(spec, SIZE, SIZE), (SAMPLES, SIZE, SIZE, 3)).copy()
+        workers = {"workers": 2} if variant == "cpu" else {}
+        loader = build_loader(variant, images, np.zeros(SAMPLES, np.int64), 1000, seed=11, spec=spec, **workers)
+        _measured[key] = unit.probe.read(spec, np.concatenate([to_pixels(x, spec) for x, _ in loader]))
+    return _measured[key]
 
 
-def measured(variant: str) -> dict[str, np.ndarray]:
-    if variant not in _measured:
-        images = np.broadcast_to(probe_image(), (SAMPLES, SIZE, SIZE, 3)).copy()
-        loader = build_loader(
-            variant, images, np.zeros(SAMPLES, np.int64), 1000, seed=11, **({"workers": 2} if variant == "cpu" else {})
-        )
-        _measured[variant] = measure(np.concatenate([to_pixels(x) for x, _ in loader]))
-    return _measured[variant]
+def selected(readings: Readings, key: str, given: str | None) -> np.ndarray:
+    return readings[key] if given is None else readings[key][readings[given]]
 
 
-def within_binomial(count: int, n: int, p: float) -> bool:
-    return abs(count / n - p) <= Z_999 * math.sqrt(p * (1 - p) / n) + 1e-12
+def follows(e: Expectation, m: Readings) -> str | None:
+    """Why readings `m` do not follow expectation `e`, or None."""
+    if isinstance(e, Rate):
+        count, p = int(m[e.key].sum()), e.p
+        if abs(count / SAMPLES - p) > Z_999 * math.sqrt(p * (1 - p) / SAMPLES) + 1e-12:
+            return f"{count}/{SAMPLES} applied, spec p={p}"
+    elif isinstance(e, Uniform):
+        values = selected(m, e.key, e.given)
+        if values.min() < e.lo - e.slack or values.max() > e.hi + e.slack:
+            return f"range [{values.min():.4g}, {values.max():.4g}] outside [{e.lo}, {e.hi}]"
+        if e.hi > e.lo and (p := scipy.stats.kstest(values, "uniform", args=(e.lo, e.hi - e.lo)).pvalue) < ALPHA:
+            return f"not uniform on [{e.lo}, {e.hi}]: KS p={p:.2g}"
+    elif isinstance(e, Discrete):
+        values = selected(m, e.key, e.given)
+        support = sorted(e.probs)
+        if not np.isin(values, support).all():
+            return f"values {sorted(set(values.tolist()) - set(support))} outside {support}"
+        counts = np.array([(values == v).sum() for v in support])
+        expected = len(values) * np.array([e.probs[v] for v in support])
+        if len(support) > 1 and (p := scipy.stats.chisquare(counts, expected).pvalue) < ALPHA:
+            return f"counts {counts.tolist()} vs expected {np.round(expected).tolist()}: chi2 p={p:.2g}"
+    elif isinstance(e, Coverage):
+        observed = m[e.key].mean(0)
+        z = np.abs(observed - e.expected) / np.sqrt(np.maximum(e.expected * (1 - e.expected), 1e-12) / SAMPLES)
+        if z.max() >= 4.5:
+            return f"pixel {np.unravel_index(z.argmax(), z.shape)}: z={z.max():.1f}"
+    elif isinstance(e, Holds) and not m[e.key].all():
+        return f"fails for {int((~m[e.key]).sum())} images"
+    return None
 
 
-def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
-    grid = np.sort(np.concatenate([a, b]))
-    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
-    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
-    return float(np.abs(cdf_a - cdf_b).max())
-
-
-def ks_critical(n: int, m: int) -> float:
-    return 1.95 * math.sqrt((n + m) / (n * m))  # two-sample KS at alpha = 0.001
-
-
-def expected_hole_coverage(spec: AugSpec) -> np.ndarray:
-    """P(pixel in hole) per pixel for CoarseDropout's placement: size uniform, top-left uniform in [0, S - size]."""
-    sizes = np.arange(spec.cutout_min_px, spec.cutout_max_px + 1)
-    line = np.zeros(SIZE)
-    for size in sizes:
-        for start in range(SIZE - size + 1):
-            line[start : start + size] += 1 / (len(sizes) * (SIZE - size + 1))
-    return spec.cutout_p * np.outer(line, line)
-
-
-@pytest.mark.parametrize("variant", LOADER_VARIANTS)
-def test_probe_reads_back_a_consistent_augmentation(variant):
-    m = measured(variant)
-    assert m["hole_is_rectangle"].all()
-    ssr = m["ssr"]
-    assert (m["shift_err"][ssr] < 0.1).all()  # shifts are whole pixels
-    assert (np.abs(m["scale"][~ssr] - 1) < 1e-3).all() and (np.abs(m["angle"][~ssr]) < 0.05).all()
-
-
-@pytest.mark.parametrize("variant", LOADER_VARIANTS)
-@pytest.mark.parametrize("what, p", [("flip", SPEC.flip_p), ("ssr", SPEC.ssr_p), ("cutout", SPEC.cutout_p)])
-def test_rates_match_the_spec(variant, what, p):
-    count = int(measured(variant)[what].sum())
-    assert within_binomial(count, SAMPLES, p), f"{what}: {count}/{SAMPLES} applied, spec p={p}"
-
-
-@pytest.mark.parametrize("variant", LOADER_VARIANTS)
-def test_hole_sizes_are_uniform(variant):
-    m = measured(variant)
-    for key in ("hole_h", "hole_w"):
-        sizes = m[key][m["cutout"]]
-        assert sizes.min() >= SPEC.cutout_min_px and sizes.max() <= SPEC.cutout_max_px
-        counts = np.bincount(sizes - SPEC.cutout_min_px, minlength=12)
-        expected = len(sizes) / 12
-        chi2 = float(((counts - expected) ** 2 / expected).sum())
-        assert chi2 < CHI2_999[11], f"{key} counts {counts.tolist()} (chi2 {chi2:.1f})"
-
-
-@pytest.mark.parametrize("variant", LOADER_VARIANTS)
-def test_hole_coverage_map_matches(variant):
-    """Per pixel, how often it is cut out: each loader against the exact expectation, DALI against albumentations."""
-    expected = expected_hole_coverage(SPEC)
-    observed = measured(variant)["hole"].mean(0)
-    z = (observed - expected) / np.sqrt(expected * (1 - expected) / SAMPLES)
-    assert np.abs(z).max() < 4.5, f"pixel {np.unravel_index(np.abs(z).argmax(), z.shape)} z={np.abs(z).max():.1f}"
-    if variant != "cpu":
-        reference = measured("cpu")["hole"].mean(0)
+def same_draws(e: Expectation, a: Readings, b: Readings) -> str | None:
+    """Why readings `a` (DALI) and `b` (albumentations) do not look drawn from one distribution, or None."""
+    if isinstance(e, Rate):
+        pa, pb = a[e.key].mean(), b[e.key].mean()
+        pooled = (pa + pb) / 2
+        if abs(pa - pb) > Z_999 * math.sqrt(max(pooled * (1 - pooled), 1e-12) * 2 / SAMPLES):
+            return f"rates {pa:.4f} vs {pb:.4f}"
+    elif isinstance(e, Uniform):
+        p = scipy.stats.ks_2samp(selected(a, e.key, e.given), selected(b, e.key, e.given)).pvalue
+        if p < ALPHA:
+            return f"two-sample KS p={p:.2g}"
+    elif isinstance(e, Discrete):
+        va, vb = selected(a, e.key, e.given), selected(b, e.key, e.given)
+        support = sorted(set(va.tolist()) | set(vb.tolist()))
+        table = np.array([[(v == s).sum() for s in support] for v in (va, vb)])
+        if len(support) > 1 and (p := scipy.stats.chi2_contingency(table).pvalue) < ALPHA:
+            return f"counts {table.tolist()}: chi2 homogeneity p={p:.2g}"
+    elif isinstance(e, Coverage):
+        observed, reference = a[e.key].mean(0), b[e.key].mean(0)
         pooled = (observed + reference) / 2
-        z = (observed - reference) / np.sqrt(np.maximum(pooled * (1 - pooled), 1e-9) * 2 / SAMPLES)
-        assert np.abs(z).max() < 4.5
+        z = np.abs(observed - reference) / np.sqrt(np.maximum(pooled * (1 - pooled), 1e-9) * 2 / SAMPLES)
+        if z.max() >= 4.5:
+            return f"pixel {np.unravel_index(z.argmax(), z.shape)}: z={z.max():.1f}"
+    return None
+
+
+EXPECTATIONS = [(unit, e) for unit in UNITS for e in unit.probe.expect(probe_spec(unit), SIZE, SIZE)]
+EXPECTATION_IDS = [f"{unit.name}-{type(e).__name__}-{e.key}" for unit, e in EXPECTATIONS]
+
+
+def test_every_unit_has_a_probe_that_tests_its_draws():
+    for unit in UNITS:
+        kinds = {type(e) for u, e in EXPECTATIONS if u is unit}
+        assert kinds & {Rate, Uniform, Discrete}, f"{unit.name}'s probe tests none of its draws"
+        assert unit.probe.rows, f"{unit.name} has no explicit-parameter rows"
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
-def test_ssr_parameters_follow_the_spec(variant):
-    m = measured(variant)
-    ssr = m["ssr"]
-    angle, scale = m["angle"][ssr], m["scale"][ssr]
-    # (read back from uint8 pixels, so each value carries a small measurement error)
-    assert np.abs(angle).max() <= SPEC.rotate_max_deg + 0.2
-    assert np.abs(scale - 1).max() <= SPEC.scale_max_delta + 3e-3
-    uniform = np.random.default_rng(0)
-    for values, half_width in ((angle, SPEC.rotate_max_deg), (scale - 1, SPEC.scale_max_delta)):
-        reference = uniform.uniform(-half_width, half_width, 100_000)
-        assert ks_statistic(values, reference) < ks_critical(len(values), len(reference))
-    # albumentations 2.x truncates U(-0.05, 0.05) * 32 px to whole pixels: -1, 0, 1 with 3/16, 5/8, 3/16
-    for key in ("shift_x", "shift_y"):
-        counts = np.array([(m[key][ssr] == v).sum() for v in (-1, 0, 1)])
-        assert counts.sum() == ssr.sum()
-        expected = ssr.sum() * np.array([3 / 16, 5 / 8, 3 / 16])
-        assert float(((counts - expected) ** 2 / expected).sum()) < CHI2_999[2], f"{key}: {counts.tolist()}"
+@pytest.mark.parametrize("unit, expectation", EXPECTATIONS, ids=EXPECTATION_IDS)
+def test_draws_follow_the_spec(variant, unit, expectation):
+    problem = follows(expectation, measured(unit, variant))
+    assert problem is None, f"{unit.name} {expectation}: {problem}"
 
 
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
-def test_dali_parameter_distributions_match_albumentations(variant):
-    dali, albu = measured(variant), measured("cpu")
-    for key in ("angle", "scale"):
-        a, b = dali[key][dali["ssr"]], albu[key][albu["ssr"]]
-        assert ks_statistic(a, b) < ks_critical(len(a), len(b)), key
-    for key in ("hole_h", "hole_w"):
-        a, b = dali[key][dali["cutout"]], albu[key][albu["cutout"]]
-        assert ks_statistic(a.astype(float), b.astype(float)) < ks_critical(len(a), len(b)), key
+@pytest.mark.parametrize("unit, expectation", EXPECTATIONS, ids=EXPECTATION_IDS)
+def test_dali_draws_match_albumentations(variant, unit, expectation):
+    problem = same_draws(expectation, measured(unit, variant), measured(unit, "cpu"))
+    assert problem is None, f"{unit.name} {expectation}: {problem}"

@@ -106,7 +106,7 @@ def test_same_seed_same_metrics(tiny_cifar, tmp_path, loader):
     assert epochs_of(runs[0]) == epochs_of(runs[1])
 
 
-def _broken_copy(tiny_cifar: str, tmp_path: Path, breaking) -> str:  # noqa: ANN001
+def _broken_copy(tiny_cifar: str, tmp_path: Path, breaking) -> str:
     folder = tmp_path / "data" / "cifar-10-batches-py"
     shutil.copytree(Path(tiny_cifar) / "cifar-10-batches-py", folder)
     breaking(folder)
@@ -224,6 +224,8 @@ def test_gallery_shows_both_loaders(tiny_cifar, tmp_path):
             "3",
             "--device",
             "cpu",
+            "--aug",
+            "pad_crop_px=2",  # an opt-in unit on in the main columns too
         ],
         capture_output=True,
         text=True,
@@ -231,7 +233,10 @@ def test_gallery_shows_both_loaders(tiny_cifar, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert _png_size(out) == (700, 840)  # 8 rows x (raw + 3 albumentations + 3 DALI), 100 px a cell
+    from pipeline.augs import UNITS
+
+    # 8 rows x (raw + 3 albumentations + 3 DALI + an albumentations and a DALI cell per unit alone), 100 px a cell
+    assert _png_size(out) == (100 * (1 + 3 + 3 + 2 * len(UNITS)), 840)
 
 
 def test_tensorboard_without_the_extra_is_one_line(tiny_cifar, tmp_path):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import model
 from pipeline import LOADERS
+from pipeline.data import IMAGE_SHAPE
 from pipeline.spec import AugSpec
 
 
@@ -53,7 +54,11 @@ class TrainConfig:
     recipe: str | None = None
 
     def aug_spec(self) -> AugSpec:
-        return AugSpec.from_overrides(self.aug)
+        """The seed's spec with the --aug overrides, checked against CIFAR-10's image size (before any data is
+        read). Raises ValueError naming the field."""
+        spec = AugSpec.from_overrides(self.aug)
+        spec.check_image_size(*IMAGE_SHAPE)
+        return spec
 
 
 # Named recipes: every value that differs from the defaults above, in one place.

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import model as models
-from pipeline import make_loader
+from pipeline import Order, make_loader
 from pipeline.data import download, load_cifar10, resolve_root
 from pipeline.order import epoch_indices
 from train import wall_seconds
@@ -198,10 +198,13 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
     return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
-def shard_settings(cfg: TrainConfig, device: torch.device, dist: Dist, *, sharded: bool = True) -> dict:
-    """The loader settings shared by training and evaluation: this rank's shard (or all of it), device, seed."""
+def shard_settings(
+    cfg: TrainConfig, device: torch.device, dist: Dist, *, sharded: bool = True, shuffle: bool = True
+) -> dict:
+    """The loader settings shared by training and evaluation: this rank's shard (or all of it), order, device."""
     rank, world_size = (dist.rank, dist.world_size) if sharded else (0, 1)
-    return dict(rank=rank, world_size=world_size, device=device, workers=cfg.workers, seed=cfg.seed)
+    order = Order(seed=cfg.seed, shuffle=shuffle, rank=rank, world_size=world_size)
+    return dict(order=order, device=device, workers=cfg.workers)
 
 
 def make_train_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Iterable:
@@ -227,8 +230,7 @@ def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: D
         min(EVAL_BATCH_SIZE, len(data.eval_x)),
         spec=cfg.aug_spec(),
         train=False,
-        shuffle=False,
-        **shard_settings(cfg, device, dist, sharded=sharded),
+        **shard_settings(cfg, device, dist, sharded=sharded, shuffle=False),
     )
 
 
@@ -473,7 +475,7 @@ def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarr
         return None
     full = np.empty((n, probabilities.shape[1]), np.float32)
     for rank, shard in enumerate(shards):
-        full[epoch_indices(n, seed=0, epoch=0, shuffle=False, rank=rank, world_size=dist.world_size)] = shard
+        full[epoch_indices(n, 0, Order(shuffle=False, rank=rank, world_size=dist.world_size))] = shard
     return full
 
 
