@@ -10,7 +10,7 @@ import dataclasses
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import model as models
-from pipeline import Order, make_loader
+from pipeline import Loader, Order, make_loader
 from pipeline.data import download, load_cifar10, resolve_root
-from pipeline.order import epoch_indices
+from pipeline.order import batch_sizes, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig
@@ -105,7 +105,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     train_net, eval_net = wrap(inner, state, cfg, device, dist)
     step = make_step(train_net, state, cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
     log(dist, describe_run(cfg, state, step, data, dist))
-    warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history))
+    sizes = batch_sizes(len(data.train_x), cfg.batch_size // dist.world_size, rank_order(cfg, dist))
+    warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history), sizes)
     run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds)
     writer = tensorboard_writer(cfg, out) if dist.is_main else None
     metrics, probabilities = {}, None
@@ -198,16 +199,12 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
     return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
-def shard_settings(
-    cfg: TrainConfig, device: torch.device, dist: Dist, *, sharded: bool = True, shuffle: bool = True
-) -> dict:
-    """The loader settings shared by training and evaluation: this rank's shard (or all of it), order, device."""
-    rank, world_size = (dist.rank, dist.world_size) if sharded else (0, 1)
-    order = Order(seed=cfg.seed, shuffle=shuffle, rank=rank, world_size=world_size)
-    return dict(order=order, device=device, workers=cfg.workers)
+def rank_order(cfg: TrainConfig, dist: Dist, *, shuffle: bool = True) -> Order:
+    """This rank's shard and order: reshuffled each epoch from --seed for training, in order for evaluation."""
+    return Order(seed=cfg.seed, shuffle=shuffle, rank=dist.rank, world_size=dist.world_size)
 
 
-def make_train_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Iterable:
+def make_train_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Loader:
     """The training split, augmented by the AugSpec, reshuffled each epoch; this rank's shard of each global batch."""
     return make_loader(
         cfg.loader,
@@ -216,13 +213,14 @@ def make_train_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: 
         cfg.batch_size // dist.world_size,
         spec=cfg.aug_spec(),
         train=True,
-        **shard_settings(cfg, device, dist),
+        order=rank_order(cfg, dist),
+        device=device,
+        workers=cfg.workers,
     )
 
 
-def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist, *, sharded: bool = True):
-    """The evaluation split in order, normalized only; this rank's shard (evaluate sums over ranks) unless
-    `sharded=False` (every image, for the predictions rank 0 writes)."""
+def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Loader:
+    """The evaluation split in order, normalized only; this rank's shard (evaluate sums over ranks)."""
     return make_loader(
         cfg.loader,
         data.eval_x,
@@ -230,7 +228,9 @@ def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: D
         min(EVAL_BATCH_SIZE, len(data.eval_x)),
         spec=cfg.aug_spec(),
         train=False,
-        **shard_settings(cfg, device, dist, sharded=sharded, shuffle=False),
+        order=rank_order(cfg, dist, shuffle=False),
+        device=device,
+        workers=cfg.workers,
     )
 
 
@@ -303,12 +303,14 @@ def warm_up(
     net: nn.Module,
     eval_net: nn.Module,
     cfg: TrainConfig,
-    train_loader: Iterable,
-    eval_loader: Iterable,
+    train_loader: Loader,
+    eval_loader: Loader,
     epoch: int,
+    sizes: list[int],
 ) -> float:
-    """Run every shape the timed loop will see once, outside the timing: the first real training batch and the last,
-    partial one (forward and backward; with a CUDA-graph step, the full batch is captured instead), and the
+    """Run every shape the timed loop will see once, outside the timing: the first real training batch and every
+    other batch size of the epoch (`sizes`: the last batch may be smaller, or one image larger under torchrun), as
+    forward and backward (with a CUDA-graph step, the first batch's shape is captured instead), and the
     evaluation batches. This is where CUDA and cuDNN pick kernels, lazy modules load, DALI allocates its buffers and
     torch.compile compiles; on the H200 it was ~6 s of the first epoch. Weights, BatchNorm statistics, optimizer
     state and the random state are put back afterwards, so the run computes exactly what it would have computed
@@ -321,14 +323,15 @@ def warm_up(
     start = time.perf_counter()
     train_loader.set_epoch(epoch)
     first_x, first_y = next(iter(train_loader))
-    shapes = [first_x]
-    full, tail = divmod(train_loader.num_samples, len(first_x))
-    if tail and len(train_loader) > full:  # the last, partial batch is another shape
-        layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        shapes.append(first_x[:tail].clone(memory_format=layout))
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    others = sorted(set(sizes) - {len(first_x)})
+    shapes = [
+        torch.cat([first_x] * -(-size // len(first_x)))[:size].contiguous(memory_format=layout) for size in others
+    ]
     if step.graphed:
         step.capture(first_x, first_y)  # restores what its own warm-up steps changed
-        shapes = shapes[1:]
+    else:
+        shapes.insert(0, first_x)
     net.train()
     for x in shapes:
         with autocast(device, cfg.amp):
@@ -417,8 +420,8 @@ def train_and_evaluate(
     state: RunState,
     cfg: TrainConfig,
     dist: Dist,
-    train_loader: Iterable,
-    eval_loader: Iterable,
+    train_loader: Loader,
+    eval_loader: Loader,
     data: Data,
 ) -> tuple[dict, np.ndarray | None]:
     """One epoch of training, then (every --eval-every epochs, and after the last) one evaluation: the epoch's
