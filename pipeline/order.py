@@ -7,6 +7,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The seeds that every consumer takes as themselves: numpy's SeedSequence (the order, the albumentations draws) wants a
+# non-negative integer, DALI's pipeline seed is an int64 in which -1 means "pick one at random", and torch.manual_seed
+# takes [-2**63, 2**64). Their intersection is [0, 2**63 - 1]; anything else is refused rather than folded into it,
+# so that two different seeds never silently make the same run.
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int) -> int:
+    """`seed` itself if it is an integer in [0, SEED_MAX]; ValueError (saying the range) otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] = [0, {SEED_MAX}], got {seed!r}")
+    return int(seed)
+
 
 @dataclass(frozen=True)
 class Order:
@@ -17,7 +30,7 @@ class Order:
     drop_last:  leave out the images that do not fill a last whole batch
     rank, world_size: this process's shard of the epoch under torchrun (0 and 1 alone)
 
-    Raises ValueError for a rank outside [0, world_size).
+    Raises ValueError for a seed outside [0, SEED_MAX] or a rank outside [0, world_size).
     """
 
     seed: int = 0
@@ -27,6 +40,7 @@ class Order:
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
 
