@@ -24,8 +24,8 @@ from pipeline.data import download, load_cifar10, resolve_root
 from pipeline.order import batch_sizes, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from train.config import ConfigError, TrainConfig
-from train.dist import Dist, init_distributed, joined, log, ranks_in_sync
+from train.config import ConfigError, TrainConfig, check_hardware, resolve_auto
+from train.dist import Dist, init_distributed, joined, log, ranks_in_sync, require_equal_batches
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
 from train.step import TrainStep, autocast
@@ -83,6 +83,8 @@ def main(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, dist: Dist) -> dict:
     # setup: every check that can fail cheaply comes before the data is read
     device = resolve_device(cfg.device, dist)
+    check_hardware(cfg, device, dist)  # every check of a flag against the device or the world size
+    cfg = resolve_auto(cfg, device)
     if cfg.cuda_graph == "on" and cuda_graph_blockers(cfg, device, dist):
         raise ConfigError(
             f"--cuda-graph on cannot work here: {'; '.join(cuda_graph_blockers(cfg, device, dist))}. "
@@ -90,11 +92,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         )
     out, resume_from = prepare_out(cfg, dist)
     saved = load_resumable(resume_from, cfg) if resume_from else None
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks")
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
     train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
+    if cfg.sync_bn:
+        require_equal_batches(len(train_loader), device, dist)
     state = build_state(cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
     # resume
     if saved:
@@ -196,6 +198,11 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         train_x, train_y, test_x, test_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     if cfg.limit_train:
         train_x, train_y = train_x[: cfg.limit_train], train_y[: cfg.limit_train]
+    if len(train_x) < dist.world_size:  # a rank without a single training image has nothing to step on
+        raise ConfigError(
+            f"{len(train_x)} training image(s) for {dist.world_size} ranks (each needs at least one); use a "
+            "smaller --val-split, or fewer ranks"
+        )
     return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
