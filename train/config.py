@@ -50,7 +50,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
-    amp: bool | None = None  # bf16 autocast; None = on where the GPU does bf16 natively (see `resolve_auto`)
+    # bf16 autocast. None (--amp not given) = on where the GPU does bf16 natively: `resolve_auto` makes it True or
+    # False for the device before the run records or checks its config, so metrics.json and checkpoints hold a bool.
+    amp: bool | None = None
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (fewest launches)

@@ -32,6 +32,7 @@ LOST_PEER_MARKERS = (
     "Write timeout",
     "Connect timeout",
     "Timed out waiting",  # gloo: "Timed out waiting <ms>ms for recv|send operation to complete"
+    "Application timeout caused pair closure",  # gloo: what the other operations see after that timeout
     "Watchdog caught collective operation timeout",  # NCCL: a collective ran past the timeout
     "NCCL communicator was aborted",  # NCCL: every collective after the watchdog's abort
     "remote process exited or there was a network error",  # NCCL: ncclRemoteError
