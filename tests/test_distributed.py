@@ -233,13 +233,13 @@ def test_settings_this_world_cannot_run_are_one_line_on_every_rank(args, data, m
     assert not (tmp_path / "out").exists()
 
 
-def _equal_batches_main(rank: int, port: int, batches: list[int], queue) -> None:  # noqa: ANN001
+def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -> None:  # noqa: ANN001
     from train.config import ConfigError
-    from train.dist import Dist, require_equal_batches
+    from train.dist import Dist, require_agreement
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        require_equal_batches(batches[rank], torch.device("cpu"), Dist(rank, 2, rank))
+        require_agreement(counts[rank], torch.device("cpu"), Dist(rank, 2, rank))
         queue.put((rank, None))
     except ConfigError as err:
         queue.put((rank, str(err)))
@@ -247,17 +247,39 @@ def _equal_batches_main(rank: int, port: int, batches: list[int], queue) -> None
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("batches", [[3, 3], [3, 2], [2, 3]])
-def test_sync_bn_refuses_uneven_batch_counts_on_every_rank(batches):
+@pytest.mark.parametrize(
+    "counts, disagreement",
+    [
+        ([{"images": 301, "batches": 3}, {"images": 301, "batches": 3}], None),
+        (
+            [{"images": 301, "batches": 3}, {"images": 301, "batches": 2}],
+            "the 2 ranks disagree on the batches (2 to 3)",
+        ),
+        ([{"images": 300, "batches": 3}, {"images": 301, "batches": 3}], "disagree on the images (300 to 301)"),
+    ],
+)
+def test_ranks_that_would_run_different_step_counts_are_refused_on_every_rank(counts, disagreement):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_equal_batches_main, args=(free_port(), batches, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_agreement_main, args=(free_port(), counts, queue), nprocs=2, start_method="spawn")
     errors = dict(queue.get() for _ in range(2))
-    if batches[0] == batches[1]:
+    if disagreement is None:
         assert errors == {0: None, 1: None}
     else:
-        for message in errors.values():  # both ranks refuse: neither waits in SyncBatchNorm for the other
-            assert "--sync-bn needs the same number of batches on every rank" in message and "2 to 3" in message
+        for message in errors.values():  # both ranks refuse: neither waits in a collective for the other
+            assert disagreement in message and "same number of steps" in message
+
+
+@pytest.mark.slow
+def test_shards_straddling_a_batch_boundary_train_without_join(odd_cifar, tmp_path):
+    """129 images, 32 per rank and batch: shards of 65 and 64 images. Cut shard by shard that was 3 batches on rank 0
+    and 2 on rank 1 (rank 0's third step would wait for rank 1 forever without DDP's Join, which is gone); counted on
+    the smallest shard (pipeline.order) it is 2 on each, rank 0's last batch holding 33 images."""
+    out = tmp_path / "run"
+    result = torchrun(free_port(), out, odd_cifar, "--loader", "cpu", "--epochs", "2", "--limit-train", "129")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for epoch in json.loads((out / "metrics.json").read_text())["epochs"]:
+        assert epoch["images"] == 129 and epoch["ranks_in_sync"] is True
 
 
 # --- a lost peer is one line and never a hang ---

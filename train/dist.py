@@ -1,12 +1,11 @@
-"""torchrun: the process group, who prints, the per-epoch check that every rank holds the same weights, and which
-errors mean that another rank is gone."""
+"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, the per-epoch
+check that every rank holds the same weights, and which errors mean that another rank is gone."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,23 +97,25 @@ def timeout_s() -> int:
     return seconds
 
 
-def require_equal_batches(batches: int, device: torch.device, dist: Dist) -> None:
-    """ConfigError on every rank unless every rank's training loader has `batches` batches (one all_reduce).
+def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) -> None:
+    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank; one
+    all_reduce, once, before training.
 
-    For --sync-bn: DDP's Join lets a rank that ran out of batches shadow the gradient all-reduce, but not
-    SyncBatchNorm's collectives (PyTorch documents that Join does not support it), so with uneven batch counts the
-    longer ranks would wait in SyncBatchNorm until the timeout."""
+    Every rank must run the same number of steps: DDP's gradient all-reduce and SyncBatchNorm's statistics wait for
+    every rank at every step. pipeline.order gives every rank the same number of batches by construction, so DDP
+    needs no Join (which would cost an all-reduce per step, and which PyTorch documents does not support
+    SyncBatchNorm); this checks that promise, and that every node read the same data, instead of trusting it."""
     if not dist.enabled:
         return
-    extremes = torch.tensor([batches, -batches], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
-    most, fewest = int(extremes[0]), -int(extremes[1])
-    if most != fewest:
-        raise ConfigError(
-            f"--sync-bn needs the same number of batches on every rank (SyncBatchNorm cannot run under DDP's Join), "
-            f"but the ranks hold {fewest} to {most}; use --limit-train with a multiple of {dist.world_size} images, "
-            "or drop --sync-bn"
-        )
+    values = torch.tensor([v for value in counts.values() for v in (value, -value)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    for i, name in enumerate(counts):
+        most, fewest = int(values[2 * i]), -int(values[2 * i + 1])
+        if most != fewest:
+            raise ConfigError(
+                f"the {dist.world_size} ranks disagree on the {name} ({fewest} to {most}); every rank must read the "
+                "same CIFAR-10 files with the same flags, so that each runs the same number of steps"
+            )
 
 
 def lost_peer(err: BaseException) -> bool:
@@ -150,14 +151,3 @@ def ranks_in_sync(net: nn.Module) -> bool:
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     return bool(torch.equal(low, high))
-
-
-def joined(loader: Iterable, net: nn.Module, dist: Dist) -> Iterator:
-    """Under torchrun, shards may differ by one batch; DDP's Join lets the shorter ranks shadow the collectives."""
-    if not dist.enabled:
-        yield from loader
-        return
-    from torch.distributed.algorithms.join import Join
-
-    with Join([net]):
-        yield from loader

@@ -25,7 +25,7 @@ from pipeline.order import batch_sizes, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig, check_hardware, resolve_auto
-from train.dist import Dist, init_distributed, joined, log, ranks_in_sync, require_equal_batches
+from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
 from train.step import TrainStep, autocast
@@ -95,8 +95,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
     train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
-    if cfg.sync_bn:
-        require_equal_batches(len(train_loader), device, dist)
+    # every rank runs the same number of steps (so DDP needs no Join), and every node read the same data: checked
+    require_agreement(
+        {"training images": len(data.train_x), "evaluation images": len(data.eval_x), "batches": len(train_loader)},
+        device,
+        dist,
+    )
     state = build_state(cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
     # resume
     if saved:
@@ -437,7 +441,7 @@ def train_and_evaluate(
     eval_name = data.eval_name
     train_loader.set_epoch(epoch)
     with progress_bar(cfg, dist, f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as bar:
-        stats = train_one_epoch(step, joined(train_loader, step.net, dist), epoch=epoch, progress=bar)
+        stats = train_one_epoch(step, train_loader, epoch=epoch, progress=bar)
     row = {"epoch": epoch + 1, **stats, "lr": state.scheduler.get_last_lr()[0]}
     if dist.enabled:
         row["ranks_in_sync"] = ranks_in_sync(state.net)
