@@ -52,7 +52,7 @@ def epoch_indices(n: int, epoch: int, order: Order) -> np.ndarray:
     it (rank, rank + world_size, ...), as DistributedSampler does but without padding: across ranks every image
     appears exactly once per epoch, and shards differ in length by at most one. Raises ValueError if n < world_size.
     """
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     permutation = np.random.default_rng([order.seed, epoch]).permutation(n) if order.shuffle else np.arange(n)
     return permutation[order.rank :: order.world_size]
 
@@ -60,7 +60,7 @@ def epoch_indices(n: int, epoch: int, order: Order) -> np.ndarray:
 def shard_size(n: int, order: Order) -> int:
     """Images in this rank's shard of an n-image epoch: n // world_size, or one more for the first n % world_size
     ranks. Raises ValueError if n < world_size."""
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     return len(range(order.rank, n, order.world_size))
 
 
@@ -72,7 +72,7 @@ def num_batches(n: int, batch_size: int, order: Order) -> int:
     so no rank ever waits for another's extra batch: DDP needs no Join and SyncBatchNorm cannot hang at the end of
     an epoch. Raises ValueError if n < world_size.
     """
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     smallest = n // order.world_size
     return smallest // batch_size if order.drop_last else math.ceil(smallest / batch_size)
 
@@ -96,7 +96,8 @@ def epoch_batches(n: int, batch_size: int, epoch: int, order: Order) -> list[np.
     return np.split(indices[: ends[-1]], ends[:-1]) if len(ends) else []
 
 
-def _check_every_rank_has_an_image(n: int, order: Order) -> None:
+def check_every_rank_has_an_image(n: int, order: Order) -> None:
+    """ValueError (one line, saying what to do) unless each of `order.world_size` ranks gets one of n images."""
     if n < order.world_size:
         raise ValueError(
             f"{n} image(s) cannot be shared by {order.world_size} ranks: every rank needs at least one; "

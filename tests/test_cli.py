@@ -297,7 +297,6 @@ def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **f
         ("cpu", 1, True, {"amp": True}, "--amp (bf16 autocast) works on CUDA only"),
         ("cpu", 1, True, {"compile": True, "compile_mode": "reduce-overhead"}, "replays CUDA graphs"),
         ("cpu", 4, True, {"batch_size": 6}, "--batch-size 6 (global) must divide by the 4 ranks"),
-        ("cpu", 4, True, {"batch_size": 8, "limit_train": 3}, "--limit-train 3 leaves fewer training images than"),
     ],
 )
 def test_check_hardware_refuses(monkeypatch, device, world_size, bf16, flags, message):
@@ -313,7 +312,7 @@ def test_check_hardware_refuses(monkeypatch, device, world_size, bf16, flags, me
         ("cuda", 2, {"sync_bn": True, "amp": True, "compile": True, "compile_mode": "reduce-overhead"}),
         ("cpu", 1, {"amp": False}),
         ("cpu", 1, {}),  # the default --amp (None) is no error on the CPU
-        ("cpu", 4, {"batch_size": 8, "limit_train": 4}),
+        ("cpu", 4, {"batch_size": 8}),
     ],
 )
 def test_check_hardware_accepts(monkeypatch, device, world_size, flags):

@@ -213,8 +213,8 @@ def test_a_dying_rank_ends_the_job_and_the_port_is_reusable(odd_cifar, tmp_path)
     "args, data, message",
     [
         # fewer training images than ranks: a rank would have nothing to train on (a StopIteration traceback before)
-        (["--limit-train", "1"], "/nonexistent/cifar", "--limit-train 1 leaves fewer training images than the 2 ranks"),
-        (["--val-split", str(N_TRAIN - 1)], None, "1 training image(s) for 2 ranks"),
+        (["--limit-train", "1"], None, "training split (after --val-split and --limit-train): 1 image(s) cannot be"),
+        (["--val-split", str(N_TRAIN - 1)], None, "1 image(s) cannot be shared by 2 ranks: every rank needs at least"),
         # a global batch smaller than the world size
         (["--batch-size", "1"], "/nonexistent/cifar", "--batch-size 1 (global) must divide by the 2 ranks"),
         # SyncBatchNorm has no CPU implementation (every rank crashed after building its loaders before)

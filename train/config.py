@@ -343,11 +343,6 @@ def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
             cfg.batch_size % dist.world_size == 0,
             f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks",
         ),
-        (
-            not 0 < cfg.limit_train < dist.world_size,
-            f"--limit-train {cfg.limit_train} leaves fewer training images than the {dist.world_size} ranks (each "
-            f"needs at least one); use --limit-train {dist.world_size} or more",
-        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -21,7 +21,7 @@ from torch import nn
 import model as models
 from pipeline import Loader, Order, make_loader
 from pipeline.data import download, load_cifar10, resolve_root
-from pipeline.order import batch_sizes, epoch_indices
+from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from train.config import ConfigError, TrainConfig, check_hardware, resolve_auto
@@ -202,11 +202,10 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         train_x, train_y, test_x, test_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     if cfg.limit_train:
         train_x, train_y = train_x[: cfg.limit_train], train_y[: cfg.limit_train]
-    if len(train_x) < dist.world_size:  # a rank without a single training image has nothing to step on
-        raise ConfigError(
-            f"{len(train_x)} training image(s) for {dist.world_size} ranks (each needs at least one); use a "
-            "smaller --val-split, or fewer ranks"
-        )
+    try:  # a rank without a single training image would have nothing to step on: refused before any loader
+        check_every_rank_has_an_image(len(train_x), Order(world_size=dist.world_size))
+    except ValueError as err:
+        raise ConfigError(f"training split (after --val-split and --limit-train): {err}") from None
     return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
