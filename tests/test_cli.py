@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,3 +348,14 @@ def test_gallery_refuses_the_seeds_train_refuses(seed):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--seed must be an integer in [0, 2**63 - 1]" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**63 - 1, True), (np.int64(5), True), (-1, False), (2**63, False)])
+def test_loaders_take_the_same_seeds_as_the_cli(seed, ok):
+    from pipeline import Order
+
+    if ok:
+        assert Order(seed=seed).seed == seed
+    else:
+        with pytest.raises(ValueError, match=re.escape("--seed must be an integer in [0, 2**63 - 1]")):
+            Order(seed=seed)
