@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.data import CLASSES, DataError, load_cifar10, resolve_root
-from pipeline.order import Order
+from pipeline.order import SEED_MAX, Order, check_seed
 from pipeline.spec import AugSpec
 
 LOADERS = ("cpu", "dali")
@@ -81,6 +81,8 @@ __all__ = [
     "DataError",
     "Loader",
     "Order",
+    "SEED_MAX",
+    "check_seed",
     "load_cifar10",
     "make_loader",
     "resolve_root",

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pipeline import AugSpec, DataError, Order, load_cifar10, make_loader, resolve_root
+from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
 from pipeline.data import CLASSES
 
@@ -82,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("augmentations.png"), help="PNG to write")
     p.add_argument("--images", type=int, default=8, help="how many training images (rows)")
     p.add_argument("--draws", type=int, default=3, help="augmented draws per loader")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws, an integer in [0, 2**63 - 1]")
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE", help="override an AugSpec field")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where DALI runs")
     args = p.parse_args(argv)
     try:
         spec = AugSpec.from_overrides(args.aug)
+        check_seed(args.seed)
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,6 +7,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The seeds that every consumer takes as themselves: numpy's SeedSequence (the order, the albumentations draws) wants a
+# non-negative integer, DALI's pipeline seed is an int64 in which -1 means "pick one at random", and torch.manual_seed
+# takes [-2**63, 2**64). Their intersection is [0, 2**63 - 1]; anything else is refused rather than folded into it,
+# so that two different seeds never silently make the same run.
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int) -> int:
+    """`seed` itself if it is an integer in [0, SEED_MAX]; ValueError (saying the range) otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] = [0, {SEED_MAX}], got {seed!r}")
+    return int(seed)
+
 
 @dataclass(frozen=True)
 class Order:
@@ -17,7 +30,7 @@ class Order:
     drop_last:  leave out the images that do not fill a last whole batch
     rank, world_size: this process's shard of the epoch under torchrun (0 and 1 alone)
 
-    Raises ValueError for a rank outside [0, world_size).
+    Raises ValueError for a seed outside [0, SEED_MAX] or a rank outside [0, world_size).
     """
 
     seed: int = 0
@@ -27,6 +40,7 @@ class Order:
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
 
@@ -38,7 +52,7 @@ def epoch_indices(n: int, epoch: int, order: Order) -> np.ndarray:
     it (rank, rank + world_size, ...), as DistributedSampler does but without padding: across ranks every image
     appears exactly once per epoch, and shards differ in length by at most one. Raises ValueError if n < world_size.
     """
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     permutation = np.random.default_rng([order.seed, epoch]).permutation(n) if order.shuffle else np.arange(n)
     return permutation[order.rank :: order.world_size]
 
@@ -46,7 +60,7 @@ def epoch_indices(n: int, epoch: int, order: Order) -> np.ndarray:
 def shard_size(n: int, order: Order) -> int:
     """Images in this rank's shard of an n-image epoch: n // world_size, or one more for the first n % world_size
     ranks. Raises ValueError if n < world_size."""
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     return len(range(order.rank, n, order.world_size))
 
 
@@ -58,7 +72,7 @@ def num_batches(n: int, batch_size: int, order: Order) -> int:
     so no rank ever waits for another's extra batch: DDP needs no Join and SyncBatchNorm cannot hang at the end of
     an epoch. Raises ValueError if n < world_size.
     """
-    _check_every_rank_has_an_image(n, order)
+    check_every_rank_has_an_image(n, order)
     smallest = n // order.world_size
     return smallest // batch_size if order.drop_last else math.ceil(smallest / batch_size)
 
@@ -82,7 +96,8 @@ def epoch_batches(n: int, batch_size: int, epoch: int, order: Order) -> list[np.
     return np.split(indices[: ends[-1]], ends[:-1]) if len(ends) else []
 
 
-def _check_every_rank_has_an_image(n: int, order: Order) -> None:
+def check_every_rank_has_an_image(n: int, order: Order) -> None:
+    """ValueError (one line, saying what to do) unless each of `order.world_size` ranks gets one of n images."""
     if n < order.world_size:
         raise ValueError(
             f"{n} image(s) cannot be shared by {order.world_size} ranks: every rank needs at least one; "

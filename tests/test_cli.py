@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +87,13 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
         (["--aug", "mean=nan"], "mean must be finite per channel"),
         (["--aug", "std=1e-40"], "beyond float32"),
         (["--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar: folder not found"),
+        # seeds outside [0, 2**63 - 1], the range numpy, torch and DALI all take as they are
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1]"),
+        (["--seed", str(2**63)], "--seed must be an integer in [0, 2**63 - 1]"),
+        (["--seed", str(2**70)], "--seed must be an integer in [0, 2**63 - 1]"),
+        # abbreviations are not a second spelling of a flag
+        (["--recipe", "fast", "--epoch", "3"], "unrecognized arguments: --epoch 3"),
+        (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead does nothing without --compile"),
     ],
 )
 def test_bad_flags_are_refused_in_one_line(args, message, tmp_path):
@@ -93,6 +102,56 @@ def test_bad_flags_are_refused_in_one_line(args, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sync-bn"], "--sync-bn: torch's SyncBatchNorm has no CPU implementation"),
+        (["--compile", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead replays CUDA graphs"),
+        (["--amp"], "--amp (bf16 autocast) works on CUDA only"),
+    ],
+)
+def test_settings_the_cpu_cannot_run_are_refused_before_the_data_is_read(args, message, tmp_path):
+    # The data folder does not exist: a check that came after reading the data would report that instead.
+    result = run_train(*args, "--device", "cpu", "--data-dir", "/nonexistent/cifar", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dali_loader_without_dali_is_refused_before_the_data_is_read(tmp_path):
+    # A regular package named `nvidia` earlier on the path hides the installed nvidia.dali, as on a machine without it.
+    (tmp_path / "nvidia").mkdir()
+    (tmp_path / "nvidia" / "__init__.py").write_text("")
+    result = run_train(
+        "--loader",
+        "dali",
+        "--device",
+        "cpu",
+        "--data-dir",
+        "/nonexistent/cifar",
+        "--out",
+        str(tmp_path / "out"),
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NVIDIA DALI is not installed" in lines[0] and "--loader cpu" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader, seed", [("dali", 0), ("dali", 2**63 - 1), ("cpu", 2**63 - 1)])
+def test_seed_range_boundaries_train(tiny_cifar, tmp_path, loader, seed):
+    out = tmp_path / "run"
+    args = small_run_args(tiny_cifar, out, "--loader", loader, "--seed", str(seed), "--limit-train", "64")
+    args[args.index("--epochs") + 1] = "1"
+    result = run_train(*args)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["seed"] == seed
+    assert config["amp"] is False  # --amp not given: off on the CPU, and recorded as what ran
 
 
 def test_help_explains_every_flag():
@@ -145,6 +204,67 @@ def test_data_dir_from_environment(tiny_cifar, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_help_shows_the_recipe_values_as_defaults():
+    result = run_train("--recipe", "fast", "--help")
+    assert result.returncode == 0
+    assert "training epochs (default: 19)" in " ".join(result.stdout.split())
+    assert "[0, 2**63 - 1]" in " ".join(result.stdout.split())  # the accepted seeds are documented
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--recipe", "fast", "--epochs", "3"], {"epochs": 3, "batch_size": 512}),
+        (["--recipe", "fast", "--epochs=3"], {"epochs": 3, "batch_size": 512}),
+        (["--epochs", "3", "--recipe", "fast"], {"epochs": 3, "batch_size": 512}),  # --recipe after the flags
+        (["--batch-size", "64", "--recipe", "fast"], {"batch_size": 64, "epochs": 19}),
+        (["--recipe", "fast", "--batch-size=64"], {"batch_size": 64}),
+        (["--recipe", "fast", "--lr", "0.1"], {"lr": 0.1, "warmup_frac": 0.15}),
+        (["--recipe", "fast", "--tta", "none"], {"tta": "none", "label_smoothing": 0.1}),
+        (["--recipe", "seed", "--recipe", "fast"], {"recipe": "fast", "epochs": 19}),  # the last one, like any flag
+        (["--recipe", "fast", "--recipe", "seed", "--epochs", "2"], {"recipe": "seed", "epochs": 2, "lr": 0.05}),
+        (["--recipe", "fast", "--no-amp"], {"amp": False}),
+        (["--recipe", "fast", "--amp"], {"amp": True}),
+        (["--recipe", "fast"], {"amp": None}),  # not given: resolved per device when the run starts
+        (["--aug", "flip_p=0.1", "--aug", "ssr_p=0.2"], {"aug": ["flip_p=0.1", "ssr_p=0.2"]}),
+    ],
+)
+def test_every_flag_given_overrides_the_recipe(argv, expected):
+    from train.config import parse_config
+
+    cfg = parse_config(argv)
+    assert {key: getattr(cfg, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("spelling", ["--epoch", "--epo", "--batch", "--batch-s", "--no-nest", "--sync", "--recip"])
+def test_abbreviated_flags_are_refused_not_ignored(spelling, capsys):
+    from train.config import parse_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--recipe", "fast", spelling, "3"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"unrecognized arguments: {spelling}" in lines[0]
+
+
+def test_a_recipe_with_a_repeatable_flag_is_extended_not_mutated(monkeypatch):
+    from train import config
+
+    monkeypatch.setitem(config.RECIPES, "test", {"aug": ["flip_p=0.1"], "epochs": 2})
+    first = config.parse_config(["--recipe", "test", "--aug", "ssr_p=0.2"])
+    assert first.aug == ["flip_p=0.1", "ssr_p=0.2"] and first.epochs == 2
+    assert config.parse_config(["--recipe", "test"]).aug == ["flip_p=0.1"]  # the recipe's own list is unchanged
+    assert config.RECIPES["test"]["aug"] == ["flip_p=0.1"]
+
+
+def test_every_recipe_key_is_a_flag():
+    from train.config import RECIPES, build_parser
+
+    dests = {action.dest for action in build_parser()._actions}
+    for recipe in RECIPES.values():
+        assert set(recipe) <= dests
+
+
 def test_recipes_set_defaults_and_flags_override_them():
     from train.config import RECIPES, parse_config
 
@@ -156,3 +276,86 @@ def test_recipes_set_defaults_and_flags_override_them():
     assert cfg.epochs == 3 and cfg.amp is False and cfg.batch_size == RECIPES["fast"]["batch_size"]
     seed = parse_config(["--recipe", "seed"])
     assert (seed.model, seed.batch_size, seed.epochs) == ("seed", 128, 60)
+
+
+# --- checks of a flag against the device and the world size (train.config.check_hardware), GPU branches included ---
+
+
+def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **flags) -> None:  # noqa: ANN001
+    from train.config import TrainConfig, check_hardware
+    from train.dist import Dist
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    check_hardware(TrainConfig(loader="cpu", **flags), torch.device(device), Dist(0, world_size, 0))
+
+
+@pytest.mark.parametrize(
+    "device, world_size, bf16, flags, message",
+    [
+        ("cuda", 1, True, {"sync_bn": True}, "--sync-bn synchronizes BatchNorm across torchrun ranks and does nothing"),
+        ("cpu", 2, True, {"sync_bn": True}, "--sync-bn: torch's SyncBatchNorm has no CPU implementation"),
+        ("cuda", 1, False, {"amp": True}, "--amp: this GPU has no native bf16"),
+        ("cpu", 1, True, {"amp": True}, "--amp (bf16 autocast) works on CUDA only"),
+        ("cpu", 1, True, {"compile": True, "compile_mode": "reduce-overhead"}, "replays CUDA graphs"),
+        ("cpu", 4, True, {"batch_size": 6}, "--batch-size 6 (global) must divide by the 4 ranks"),
+    ],
+)
+def test_check_hardware_refuses(monkeypatch, device, world_size, bf16, flags, message):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check(monkeypatch, device, world_size, bf16, **flags)
+
+
+@pytest.mark.parametrize(
+    "device, world_size, flags",
+    [
+        ("cuda", 2, {"sync_bn": True, "amp": True, "compile": True, "compile_mode": "reduce-overhead"}),
+        ("cpu", 1, {"amp": False}),
+        ("cpu", 1, {}),  # the default --amp (None) is no error on the CPU
+        ("cpu", 4, {"batch_size": 8}),
+    ],
+)
+def test_check_hardware_accepts(monkeypatch, device, world_size, flags):
+    _check(monkeypatch, device, world_size, **flags)
+
+
+@pytest.mark.parametrize(
+    "device, bf16, given, expected",
+    [
+        ("cpu", True, None, False),
+        ("cuda", True, None, True),
+        ("cuda", False, None, False),
+        ("cuda", True, False, False),
+    ],
+)
+def test_amp_default_is_resolved_per_device(monkeypatch, device, bf16, given, expected):
+    from train.config import TrainConfig, resolve_auto
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert resolve_auto(TrainConfig(amp=given), torch.device(device)).amp is expected
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_gallery_refuses_the_seeds_train_refuses(seed):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.gallery", "--seed", seed, "--data-dir", "/nonexistent/cifar"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--seed must be an integer in [0, 2**63 - 1]" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**63 - 1, True), (np.int64(5), True), (-1, False), (2**63, False)])
+def test_loaders_take_the_same_seeds_as_the_cli(seed, ok):
+    from pipeline import Order
+
+    if ok:
+        assert Order(seed=seed).seed == seed
+    else:
+        with pytest.raises(ValueError, match=re.escape("--seed must be an integer in [0, 2**63 - 1]")):
+            Order(seed=seed)

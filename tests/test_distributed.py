@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,19 +29,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(port: int, out: Path, data: str, *args: str, popen: bool = False):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
+def torchrun(
+    port: int, out: Path, data: str, *args: str, popen: bool = False, log_dir: Path | None = None
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """2 ranks of `python -m train` on one node; with `log_dir`, each rank's stdout and stderr go to files there
+    (read them with `rank_stderr`) instead of mixing with torchrun's own report."""
+    launcher = ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    if log_dir is not None:
+        launcher += ["--log-dir", str(log_dir), "--redirects", "3"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, *train_args(out, data, *args)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT_S": "60"}
+    if popen:
+        return subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def train_args(out: Path, data: str, *args: str) -> list[str]:
+    return [
         "-m",
         "train",
         "--device",
@@ -56,18 +70,11 @@ def torchrun(port: int, out: Path, data: str, *args: str, popen: bool = False):
         str(out),
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT_S": "60"}
-    if popen:
-        return subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def rank_stderr(log_dir: Path) -> dict[int, str]:
+    """Each local rank's stderr from a torchrun --log-dir with --redirects (<run>/attempt_<n>/<local rank>/)."""
+    return {int(path.parent.name): path.read_text() for path in log_dir.glob("*/attempt_*/*/stderr.log")}
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +203,243 @@ def test_a_dying_rank_ends_the_job_and_the_port_is_reusable(odd_cifar, tmp_path)
             time.sleep(0.2)
     again = torchrun(port, tmp_path / "again", odd_cifar, "--loader", "cpu", "--epochs", "1")
     assert again.returncode == 0, again.stderr[-6000:]
+
+
+# --- refused in one line on every rank, before the data (or, where only the data can tell, before the loaders) ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, data, message",
+    [
+        # fewer training images than ranks: a rank would have nothing to train on (a StopIteration traceback before)
+        (["--limit-train", "1"], None, "training split (after --val-split and --limit-train): 1 image(s) cannot be"),
+        (["--val-split", str(N_TRAIN - 1)], None, "1 image(s) cannot be shared by 2 ranks: every rank needs at least"),
+        # a global batch smaller than the world size
+        (["--batch-size", "1"], "/nonexistent/cifar", "--batch-size 1 (global) must divide by the 2 ranks"),
+        # SyncBatchNorm has no CPU implementation (every rank crashed after building its loaders before)
+        (["--sync-bn"], "/nonexistent/cifar", "--sync-bn: torch's SyncBatchNorm has no CPU implementation"),
+    ],
+)
+def test_settings_this_world_cannot_run_are_one_line_on_every_rank(args, data, message, odd_cifar, tmp_path):
+    logs = tmp_path / "logs"
+    result = torchrun(free_port(), tmp_path / "out", data or odd_cifar, *args, log_dir=logs)
+    assert result.returncode != 0
+    stderr = rank_stderr(logs)
+    assert sorted(stderr) == [0, 1], result.stderr[-3000:]
+    for text in stderr.values():
+        lines = text.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), text[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -> None:  # noqa: ANN001
+    from train.config import ConfigError
+    from train.dist import Dist, require_agreement
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        require_agreement(counts[rank], torch.device("cpu"), Dist(rank, 2, rank))
+        queue.put((rank, None))
+    except ConfigError as err:
+        queue.put((rank, str(err)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "counts, disagreement",
+    [
+        ([{"images": 301, "batches": 3}, {"images": 301, "batches": 3}], None),
+        (
+            [{"images": 301, "batches": 3}, {"images": 301, "batches": 2}],
+            "the 2 ranks disagree on the batches (2 to 3)",
+        ),
+        ([{"images": 300, "batches": 3}, {"images": 301, "batches": 3}], "disagree on the images (300 to 301)"),
+    ],
+)
+def test_ranks_that_would_run_different_step_counts_are_refused_on_every_rank(counts, disagreement):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_agreement_main, args=(free_port(), counts, queue), nprocs=2, start_method="spawn")
+    errors = dict(queue.get() for _ in range(2))
+    if disagreement is None:
+        assert errors == {0: None, 1: None}
+    else:
+        for message in errors.values():  # both ranks refuse: neither waits in a collective for the other
+            assert disagreement in message and "same number of steps" in message
+
+
+@pytest.mark.slow
+def test_shards_straddling_a_batch_boundary_train_without_join(odd_cifar, tmp_path):
+    """129 images, 32 per rank and batch: shards of 65 and 64 images. Cut shard by shard that was 3 batches on rank 0
+    and 2 on rank 1 (rank 0's third step would wait for rank 1 forever without DDP's Join, which is gone); counted on
+    the smallest shard (pipeline.order) it is 2 on each, rank 0's last batch holding 33 images."""
+    out = tmp_path / "run"
+    result = torchrun(free_port(), out, odd_cifar, "--loader", "cpu", "--epochs", "2", "--limit-train", "129")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for epoch in json.loads((out / "metrics.json").read_text())["epochs"]:
+        assert epoch["images"] == 129 and epoch["ranks_in_sync"] is True
+
+
+# --- a lost peer is one line and never a hang ---
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1235. "
+        "This is typically caused by a remote worker crashing.",
+        "[../gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:39282: Connection reset by peer",
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv "
+        "operation to complete",
+        "Application timeout caused pair closure",
+        "[PG ID 0 PG GUID 0(default_pg) Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+        "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=600000) ran for 600012 milliseconds before timing out.",
+        "NCCL communicator was aborted on rank 0.",
+        "NCCL error in: ProcessGroupNCCL.cpp:2040, remote process exited or there was a network error, NCCL version "
+        "2.27.3\nncclRemoteError: A call failed possibly due to a network error or a remote process exiting.",
+    ],
+)
+def test_backend_errors_of_a_lost_peer_are_recognized(message):
+    from train.dist import lost_contact_message, lost_peer
+
+    for kind in (RuntimeError, torch.distributed.DistBackendError):
+        err = kind(message)
+        assert lost_peer(err)
+        line = lost_contact_message(err, 1)
+        assert "\n" not in line and line.startswith("error: rank 1 lost contact with the other ranks")
+        assert "pair.cc" not in line and "GLHF" not in line  # gloo's source location and advice are cut
+    assert lost_peer(torch.distributed.DistNetworkError("failed to recv, got 0 bytes"))
+    assert lost_peer(torch.distributed.DistStoreError("Socket Timeout"))
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError(
+            "[pair.cc:281] Received data size doesn't match expected size. Is there a distributed "
+            "collective mismatch in your code?"
+        ),
+        torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1000, invalid usage"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x10 and 12x3)"),
+        ValueError("Connection closed by peer"),  # not raised by a backend
+    ],
+)
+def test_bugs_are_not_disguised_as_a_lost_peer(err):
+    from train.dist import lost_peer
+
+    assert not lost_peer(err)
+
+
+def _wait_for_port(port: int, deadline: float) -> None:
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.time() < deadline, "the first torchrun agent never listened"
+        time.sleep(0.2)
+
+
+def _two_nodes(tmp_path: Path, data: str, timeout_s: int) -> tuple[list[subprocess.Popen], Path]:
+    """Two torchrun agents, one rank each, meeting through a c10d rendezvous on 127.0.0.1: two "nodes" whose agents
+    do not see each other's processes (unlike --nproc_per_node 2, where torchrun ends the job when a rank dies).
+    Node 0 hosts the rendezvous store. Returns the agents and the survivor's (node 0's) log folder once an epoch is
+    done."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT_S": str(timeout_s)}
+    agents = []
+    for node in (0, 1):
+        launcher = [
+            *("--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d"),
+            *("--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost-peer"),
+            *("--log-dir", str(tmp_path / f"logs{node}"), "--redirects", "3"),
+        ]
+        args = train_args(tmp_path / "run", data, "--loader", "cpu", "--epochs", "500")
+        with open(tmp_path / f"agent{node}.txt", "w") as log:
+            agents.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", *launcher, *args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
+                )
+            )
+        if node == 0:
+            _wait_for_port(port, time.time() + 120)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "metrics.json").exists():
+        assert time.time() < deadline and all(a.poll() is None for a in agents), (tmp_path / "agent0.txt").read_text()
+        time.sleep(0.5)
+    return agents, tmp_path / "logs0"
+
+
+def _end(agents: list[subprocess.Popen], workers: list[int]) -> None:
+    for pid in [*workers, *(a.pid for a in agents if a.poll() is None)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for agent in agents:
+        agent.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["node killed", "rank frozen"])
+def test_the_survivor_of_a_lost_peer_says_so_in_one_line(failure, odd_cifar, tmp_path):
+    timeout_s = 20
+    agents, survivor_logs = _two_nodes(tmp_path, odd_cifar, timeout_s)
+    workers = _child_pids(agents[1].pid)
+    try:
+        start = time.time()
+        if failure == "node killed":  # the whole node: its agent and its rank
+            for pid in [*workers, agents[1].pid]:
+                os.kill(pid, signal.SIGKILL)
+        else:  # alive but silent (a stuck GPU, a paused VM): only the collective timeout can notice
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+        agents[0].wait(timeout=timeout_s + 120)  # no hang
+        elapsed = time.time() - start
+    finally:
+        _end(agents, workers)
+    assert agents[0].returncode != 0
+    stderr = rank_stderr(survivor_logs)[0]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[0].startswith("error: rank 0 lost contact with the other ranks")
+    assert elapsed < timeout_s + 90
+    if failure == "rank frozen":
+        assert elapsed >= timeout_s * 0.9
+        assert re.search(r"\(\w+: (Timed out waiting|Application timeout caused pair closure)", lines[0]), lines[0]
+
+
+def _torchrun_env(monkeypatch, **extra: str) -> None:  # noqa: ANN001
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", **extra}.items():
+        monkeypatch.setenv(key, value)
+
+    def must_not_run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("refused too late: this ran first")
+
+    monkeypatch.setattr(torch.cuda, "set_device", must_not_run)
+    monkeypatch.setattr(torch.distributed, "init_process_group", must_not_run)
+
+
+def test_more_local_ranks_than_gpus_is_refused_before_joining(monkeypatch):
+    from train.config import ConfigError
+    from train.dist import init_distributed
+
+    _torchrun_env(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"torchrun started 2 processes on this node but torch sees 1 GPU"):
+        init_distributed(use_cuda=True)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", ""])
+def test_a_bad_dist_timeout_is_refused_before_joining(monkeypatch, value):
+    from train.config import ConfigError
+    from train.dist import init_distributed
+
+    _torchrun_env(monkeypatch, TRAIN_DIST_TIMEOUT_S=value)
+    with pytest.raises(ConfigError, match="TRAIN_DIST_TIMEOUT_S=.* must be a positive whole number of seconds"):
+        init_distributed(use_cuda=False)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-import torch.distributed
-
 from pipeline.dali_loader import DaliUnavailable
 from pipeline.data import DataError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, parse_config
+from train.dist import lost_contact_message, lost_peer
 from train.loop import Diverged
 
 
@@ -26,14 +25,10 @@ def cli(argv: list[str] | None = None) -> int:
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except torch.distributed.DistError as err:
-        rank = os.environ.get("RANK", "?")
-        print(
-            f"error: rank {rank} lost contact with the other ranks ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Another rank died or the network failed; torchrun's report says "
-            "which. Continue with --resume auto.",
-            file=sys.stderr,
-        )
+    except RuntimeError as err:  # after Diverged and DaliUnavailable, which are RuntimeErrors too
+        if not lost_peer(err):
+            raise  # a bug keeps its traceback
+        print(lost_contact_message(err, os.environ.get("RANK", "?")), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is in <out>/last.pt; continue with --resume auto", file=sys.stderr)

@@ -1,15 +1,25 @@
-"""Training configuration: plain defaults, named recipes, CLI overrides (in that order of precedence, last wins)."""
+"""Training configuration: plain defaults, named recipes, CLI overrides (in that order of precedence, last wins).
+
+Two checks refuse what cannot work before any data is read: `validate` (the flags alone, at parse time) and
+`check_hardware` (the flags against the device and the torchrun world, once those are known).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import model
-from pipeline import LOADERS
+from pipeline import LOADERS, check_seed
 from pipeline.data import IMAGE_SHAPE
 from pipeline.spec import AugSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from train.dist import Dist
 
 
 @dataclass
@@ -40,7 +50,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
-    amp: bool = True  # bf16 autocast on CUDA
+    # bf16 autocast. None (--amp not given) = on where the GPU does bf16 natively: `resolve_auto` makes it True or
+    # False for the device before the run records or checks its config, so metrics.json and checkpoints hold a bool.
+    amp: bool | None = None
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" replays CUDA graphs (fewest launches)
@@ -106,14 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train a small CIFAR-10 network, fed by the DALI GPU loader or the albumentations CPU loader.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Flags are spelled out: an abbreviation (--epoch, --batch) would be a second spelling of every flag, and one
+        # that stops meaning the same flag as soon as a flag with the same prefix is added.
+        allow_abbrev=False,
     )
     a = p.add_argument
-    a(
-        "--recipe",
-        choices=sorted(RECIPES),
-        default=None,
-        help="named settings (see train/config.py RECIPES); explicit flags override them",
-    )
+    _add_recipe_flag(p)
     a(
         "--loader",
         choices=LOADERS,
@@ -167,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=d.out, help="output folder for metrics.json, checkpoints and plots")
     a("--resume", default=d.resume, metavar="PATH|auto", help="continue from a checkpoint (auto = <out>/last.pt)")
     a("--overwrite", action="store_true", help="allow --out to hold another run's files (they are replaced)")
-    a("--seed", type=int, default=d.seed, help="seed for the order, the augmentations and the weights")
+    a(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed for the order, the augmentations and the weights: an integer in [0, 2**63 - 1] (the range numpy, "
+        "torch and DALI all accept as it is)",
+    )
     a("--device", choices=DEVICES, default=d.device, help="auto = CUDA if available")
     a(
         "--workers",
@@ -175,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.workers,
         help="CPU loader: DataLoader worker processes; DALI: threads (default: all cores / 4)",
     )
-    a("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast on CUDA")
+    a(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,  # not given: TrainConfig's None, resolved per device by resolve_auto
+        help="bf16 autocast, CUDA only (default: on with a GPU that does bf16 natively, off on the CPU)",
+    )
     a(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -189,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.compile_mode,
         help="torch.compile mode: reduce-overhead replays CUDA graphs, for launch-bound small nets",
     )
-    a("--sync-bn", action="store_true", help="torchrun: SyncBatchNorm across ranks")
+    a("--sync-bn", action="store_true", help="torchrun on CUDA GPUs: SyncBatchNorm across ranks")
     a(
         "--cuda-graph",
         choices=CUDA_GRAPH,
@@ -203,32 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_recipe_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="named settings (see train/config.py RECIPES): they become the defaults, and every flag given overrides "
+        "them, wherever it stands",
+    )
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of a command line (sys.argv[1:] if `argv` is None), validated.
+
+    A recipe's values are the parser's defaults (argparse's own precedence: a flag given on the command line always
+    wins over a default), so no flag can be ignored whatever its position or spelling. Raises ConfigError for values
+    that cannot work; argparse errors exit with code 2 and one line.
+    """
+    recipe_parser = _OneLineParser(add_help=False, allow_abbrev=False)
+    _add_recipe_flag(recipe_parser)
+    recipe = recipe_parser.parse_known_args(argv)[0].recipe  # the last --recipe given, as in the full parse
     parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = _explicit_flags(parser, argv)
-    values = dict(vars(args))
-    if args.recipe:
-        for key, value in RECIPES[args.recipe].items():
-            if key not in explicit:
-                values[key] = value
+    if recipe:
+        parser.set_defaults(**RECIPES[recipe])
+    values = vars(parser.parse_args(argv))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in names})
     validate(cfg)
     return cfg
-
-
-def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """Destinations the user set on the command line (so a recipe does not override them)."""
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
-    explicit = set()
-    for action in parser._actions:
-        if any(opt in given or opt.replace("--", "--no-", 1) in given for opt in action.option_strings):
-            explicit.add(action.dest)
-    return explicit
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -257,6 +280,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.limit_train >= 0, f"--limit-train must be >= 0, got {cfg.limit_train}"),
         (cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
+        (
+            cfg.compile or cfg.compile_mode == "default",
+            f"--compile-mode {cfg.compile_mode} does nothing without --compile; add --compile",
+        ),
     ]
     import importlib.util
 
@@ -271,5 +298,67 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(message)
     try:
         cfg.aug_spec()
+        check_seed(cfg.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
+    """Refuse the settings that this device and this launch cannot run, before any data is read.
+
+    `device` is the resolved training device (train.run.resolve_device), `dist` the torchrun world. Every check that
+    needs a flag together with the device or the world size belongs here (those on the flags alone are in
+    `validate`). Raises ConfigError (one line: what is wrong and what to do), or DaliUnavailable for --loader dali
+    on a machine without DALI.
+    """
+    import torch
+
+    on_cpu = device.type != "cuda"
+    checks = [
+        (
+            not (cfg.sync_bn and on_cpu),
+            "--sync-bn: torch's SyncBatchNorm has no CPU implementation (it needs CUDA GPUs); drop --sync-bn",
+        ),
+        (
+            not cfg.sync_bn or dist.enabled,
+            "--sync-bn synchronizes BatchNorm across torchrun ranks and does nothing in a single process; drop it, "
+            "or launch several ranks with torchrun",
+        ),
+        (
+            not (cfg.compile_mode == "reduce-overhead" and on_cpu),
+            "--compile-mode reduce-overhead replays CUDA graphs, which need a CUDA GPU; on the CPU use "
+            "--compile-mode default",
+        ),
+        (
+            not (cfg.amp and on_cpu),
+            "--amp (bf16 autocast) works on CUDA only: a CPU run computes in float32; drop --amp (off by default "
+            "on the CPU)",
+        ),
+        (
+            # short-circuits before asking CUDA anything on the CPU
+            not (cfg.amp and not on_cpu and not torch.cuda.is_bf16_supported(including_emulation=False)),
+            "--amp: this GPU has no native bf16 (that needs compute capability 8.0 or newer); drop --amp",
+        ),
+        (
+            cfg.batch_size % dist.world_size == 0,
+            f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.loader == "dali":
+        from pipeline.dali_loader import require_dali
+
+        require_dali()
+
+
+def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """`cfg` with its device-dependent defaults made concrete, as metrics.json and checkpoints record them: --amp not
+    given means bf16 autocast on a CUDA GPU that does bf16 natively, float32 elsewhere."""
+    import torch
+
+    if cfg.amp is None:
+        amp = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        cfg = dataclasses.replace(cfg, amp=amp)
+    return cfg

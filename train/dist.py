@@ -1,17 +1,41 @@
-"""torchrun: the process group, who prints, and the per-epoch check that every rank holds the same weights."""
+"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, the per-epoch
+check that every rank holds the same weights, and which errors mean that another rank is gone."""
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable, Iterator
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from train.config import ConfigError
+
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
+TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT_S"
+
+# What the process-group backends say when a peer is gone or stopped answering. Read from gloo's
+# transport/tcp/pair.cc and unbound_buffer.cc, torch's ProcessGroupNCCL.cpp (the watchdog) and NCCL's ncclRemoteError
+# text. An error with none of these (a collective mismatch, a CUDA error, a bad argument) is a bug: it keeps its
+# traceback instead of being reported as a lost peer.
+LOST_PEER_MARKERS = (
+    "Connection closed by peer",  # gloo: the peer's socket reached EOF (its process died)
+    "Connection reset by peer",  # gloo "Read error ...: <strerror>", TCPStore
+    "Broken pipe",  # writing to a peer that is gone
+    "Socket closed",  # gloo: a pair already closed by an earlier failure
+    "Socket unexpectedly closed",
+    "Read timeout",  # gloo, synchronous pairs
+    "Write timeout",
+    "Connect timeout",
+    "Timed out waiting",  # gloo: "Timed out waiting <ms>ms for recv|send operation to complete"
+    "Application timeout caused pair closure",  # gloo: what the other operations see after that timeout
+    "Watchdog caught collective operation timeout",  # NCCL: a collective ran past the timeout
+    "NCCL communicator was aborted",  # NCCL: every collective after the watchdog's abort
+    "remote process exited or there was a network error",  # NCCL: ncclRemoteError
+)
 
 
 @dataclass
@@ -39,16 +63,85 @@ def log(dist: Dist, message: str) -> None:
 
 def init_distributed(use_cuda: bool) -> Dist:
     """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on the CPU);
-    without those variables this is a single-process run. The collective timeout is $TRAIN_DIST_TIMEOUT_S seconds."""
+    without those variables this is a single-process run. The collective timeout is $TRAIN_DIST_TIMEOUT_S seconds.
+    Raises ConfigError, before joining, if that timeout is not a positive integer or if torchrun started more
+    processes on this node (LOCAL_WORLD_SIZE) than torch sees GPUs (one GPU per process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Dist()
     dist = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s())
     if use_cuda:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.local_rank + 1)))
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus:
+            raise ConfigError(
+                f"torchrun started {local_world_size} processes on this node but torch sees {gpus} GPU(s), and each "
+                f"process needs its own; use torchrun --nproc_per_node {gpus}, or --device cpu"
+            )
         torch.cuda.set_device(dist.local_rank)
-    timeout = datetime.timedelta(seconds=int(os.environ.get("TRAIN_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))))
     torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return dist
+
+
+def timeout_s() -> int:
+    """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. ConfigError unless it is a
+    positive integer."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = int(text)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a positive whole number of seconds")
+    return seconds
+
+
+def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) -> None:
+    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank; one
+    all_reduce, once, before training.
+
+    Every rank must run the same number of steps: DDP's gradient all-reduce and SyncBatchNorm's statistics wait for
+    every rank at every step. pipeline.order gives every rank the same number of batches by construction, so DDP
+    needs no Join (which would cost an all-reduce per step, and which PyTorch documents does not support
+    SyncBatchNorm); this checks that promise, and that every node read the same data, instead of trusting it."""
+    if not dist.enabled:
+        return
+    values = torch.tensor([v for value in counts.values() for v in (value, -value)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    for i, name in enumerate(counts):
+        most, fewest = int(values[2 * i]), -int(values[2 * i + 1])
+        if most != fewest:
+            raise ConfigError(
+                f"the {dist.world_size} ranks disagree on the {name} ({fewest} to {most}); every rank must read the "
+                "same CIFAR-10 files with the same flags, so that each runs the same number of steps"
+            )
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` says that another rank died or stopped answering: a torch store or network error, or a backend
+    error with one of LOST_PEER_MARKERS in its text (or in the text of the error it was raised from)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, torch.distributed.DistNetworkError | torch.distributed.DistStoreError):
+            return True
+        if isinstance(err, RuntimeError) and any(marker in str(err) for marker in LOST_PEER_MARKERS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def lost_contact_message(err: BaseException, rank: int | str) -> str:
+    """The one line a rank prints for an error that `lost_peer` recognizes (no traceback: it is not a bug here)."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    detail = re.sub(r"^\[[^\]]*:\d+\]\s*", "", detail)  # gloo's "[path/pair.cc:561] " prefix
+    detail = detail.split(". ")[0][:200]  # gloo adds "This is typically caused by ..." sentences
+    return (
+        f"error: rank {rank} lost contact with the other ranks ({type(err).__name__}: {detail}). Another rank died, "
+        f"stopped answering for longer than {TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)} s, or the "
+        "network failed; the other ranks' logs (or torchrun's report) say which. Continue with --resume auto."
+    )
 
 
 def ranks_in_sync(net: nn.Module) -> bool:
@@ -58,14 +151,3 @@ def ranks_in_sync(net: nn.Module) -> bool:
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
     return bool(torch.equal(low, high))
-
-
-def joined(loader: Iterable, net: nn.Module, dist: Dist) -> Iterator:
-    """Under torchrun, shards may differ by one batch; DDP's Join lets the shorter ranks shadow the collectives."""
-    if not dist.enabled:
-        yield from loader
-        return
-    from torch.distributed.algorithms.join import Join
-
-    with Join([net]):
-        yield from loader

@@ -21,11 +21,11 @@ from torch import nn
 import model as models
 from pipeline import Loader, Order, make_loader
 from pipeline.data import download, load_cifar10, resolve_root
-from pipeline.order import batch_sizes, epoch_indices
+from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from train.config import ConfigError, TrainConfig
-from train.dist import Dist, init_distributed, joined, log, ranks_in_sync
+from train.config import ConfigError, TrainConfig, check_hardware, resolve_auto
+from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
 from train.step import TrainStep, autocast
@@ -83,6 +83,8 @@ def main(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, dist: Dist) -> dict:
     # setup: every check that can fail cheaply comes before the data is read
     device = resolve_device(cfg.device, dist)
+    check_hardware(cfg, device, dist)  # every check of a flag against the device or the world size
+    cfg = resolve_auto(cfg, device)
     if cfg.cuda_graph == "on" and cuda_graph_blockers(cfg, device, dist):
         raise ConfigError(
             f"--cuda-graph on cannot work here: {'; '.join(cuda_graph_blockers(cfg, device, dist))}. "
@@ -90,11 +92,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
         )
     out, resume_from = prepare_out(cfg, dist)
     saved = load_resumable(resume_from, cfg) if resume_from else None
-    if cfg.batch_size % dist.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks")
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
     train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
+    # every rank runs the same number of steps (so DDP needs no Join), and every node read the same data: checked
+    require_agreement(
+        {"training images": len(data.train_x), "evaluation images": len(data.eval_x), "batches": len(train_loader)},
+        device,
+        dist,
+    )
     state = build_state(cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
     # resume
     if saved:
@@ -196,6 +202,10 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         train_x, train_y, test_x, test_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
     if cfg.limit_train:
         train_x, train_y = train_x[: cfg.limit_train], train_y[: cfg.limit_train]
+    try:  # a rank without a single training image would have nothing to step on: refused before any loader
+        check_every_rank_has_an_image(len(train_x), Order(world_size=dist.world_size))
+    except ValueError as err:
+        raise ConfigError(f"training split (after --val-split and --limit-train): {err}") from None
     return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
 
 
@@ -430,7 +440,7 @@ def train_and_evaluate(
     eval_name = data.eval_name
     train_loader.set_epoch(epoch)
     with progress_bar(cfg, dist, f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as bar:
-        stats = train_one_epoch(step, joined(train_loader, step.net, dist), epoch=epoch, progress=bar)
+        stats = train_one_epoch(step, train_loader, epoch=epoch, progress=bar)
     row = {"epoch": epoch + 1, **stats, "lr": state.scheduler.get_last_lr()[0]}
     if dist.enabled:
         row["ranks_in_sync"] = ranks_in_sync(state.net)
