@@ -344,6 +344,13 @@ def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
             f"--batch-size {cfg.batch_size} (global) must divide by the {dist.world_size} ranks",
         ),
     ]
+    blockers = cuda_graph_blockers(cfg, device, dist)
+    checks.append(
+        (
+            cfg.cuda_graph != "on" or not blockers,
+            f"--cuda-graph on cannot work here: {'; '.join(blockers)}. Use --cuda-graph off or auto",
+        )
+    )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -351,6 +358,21 @@ def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
         from pipeline.dali_loader import require_dali
 
         require_dali()
+
+
+def cuda_graph_blockers(cfg: TrainConfig, device: torch.device, dist: Dist) -> list[str]:
+    """Why the training step cannot be captured as a CUDA graph here (empty: it can; see train/step.py)."""
+    return [
+        why
+        for why, applies in (
+            ("it needs a CUDA device", device.type != "cuda"),
+            ("the captured step implements SGD only", cfg.optimizer != "sgd"),
+            ("torch.compile captures the step itself", cfg.compile),
+            # DDP's gradient all-reduce inside a captured graph is not something this project has tested
+            ("it is not tested under torchrun", dist.enabled),
+        )
+        if applies
+    ]
 
 
 def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:

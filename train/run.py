@@ -24,7 +24,7 @@ from pipeline.data import download, load_cifar10, resolve_root
 from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_indices
 from train import wall_seconds
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from train.config import ConfigError, TrainConfig, check_hardware, resolve_auto
+from train.config import ConfigError, TrainConfig, check_hardware, cuda_graph_blockers, resolve_auto
 from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
@@ -85,11 +85,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     device = resolve_device(cfg.device, dist)
     check_hardware(cfg, device, dist)  # every check of a flag against the device or the world size
     cfg = resolve_auto(cfg, device)
-    if cfg.cuda_graph == "on" and cuda_graph_blockers(cfg, device, dist):
-        raise ConfigError(
-            f"--cuda-graph on cannot work here: {'; '.join(cuda_graph_blockers(cfg, device, dist))}. "
-            "Use --cuda-graph off or auto."
-        )
     out, resume_from = prepare_out(cfg, dist)
     saved = load_resumable(resume_from, cfg) if resume_from else None
     data = load_data(cfg, dist)
@@ -382,21 +377,6 @@ def wrap(
 
         train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     return train_net, state.ema.module if state.ema is not None else net
-
-
-def cuda_graph_blockers(cfg: TrainConfig, device: torch.device, dist: Dist) -> list[str]:
-    """Why the training step cannot be captured as a CUDA graph here (empty: it can)."""
-    return [
-        why
-        for why, applies in (
-            ("it needs a CUDA device", device.type != "cuda"),
-            ("the captured step implements SGD only", cfg.optimizer != "sgd"),
-            ("torch.compile captures the step itself", cfg.compile),
-            # DDP's gradient all-reduce inside a captured graph is not something this project has tested
-            ("it is not tested under torchrun", dist.enabled),
-        )
-        if applies
-    ]
 
 
 def make_step(
