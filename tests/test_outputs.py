@@ -15,6 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_cli import ROOT, run_train, small_run_args
@@ -147,7 +148,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        assert "parameters |" in first.stdout.readline()  # set up, and held before its first epoch
+        while "parameters |" not in first.stdout.readline():  # set up, then held before its first epoch
+            assert first.poll() is None, first.stderr.read()
         for extra in ([], ["--overwrite"], ["--resume", "auto"]):
             code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS, "--seed", "5", *extra))
             assert code == 2
@@ -276,6 +278,8 @@ def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, 
     for name, epoch in (("last.pt", 2), ("best.pt", 2)):
         saved = torch.load(out / name, weights_only=True)
         assert saved["epoch"] == epoch and saved["run_id"] == metrics["run_id"]
+    with np.load(out / "predictions.npz") as got, np.load(finished / "predictions.npz") as want:
+        assert all(np.array_equal(got[key], want[key]) for key in want.files)  # the final model's, as uninterrupted
     from train.report import main as report
 
     assert report([str(out)]) == 0
