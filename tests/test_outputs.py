@@ -165,6 +165,25 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys
     assert not (out / ".lock").exists()  # removed by the run that held it
 
 
+@pytest.mark.slow  # interpreter start-ups: more than 5 s
+def test_a_torchrun_job_on_a_folder_in_use_is_refused_on_every_rank(tiny_cifar, tmp_path):
+    import fcntl
+
+    from test_distributed import free_port, torchrun
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        result = torchrun(free_port(), out, tiny_cifar, "--loader", "cpu", "--epochs", "1")
+    assert result.returncode != 0
+    refusal = f"error: --out {out} is in use by another run (pid {os.getpid()})"
+    assert result.stderr.count(refusal) == 2  # rank 0 found it, rank 1 heard it: nobody waits for the other
+    assert "lost contact" not in result.stderr and not (out / "metrics.json").exists()
+
+
 def test_a_link_planted_as_the_lock_file_is_refused(tiny_cifar, tmp_path, capsys, no_data_reading):
     out, victim = tmp_path / "run", tmp_path / "victim"
     out.mkdir()
