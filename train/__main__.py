@@ -1,4 +1,9 @@
-"""`python -m train --loader {dali,cpu} ...` (see --help). Errors the user can fix are one line and exit code 2."""
+"""`python -m train --loader {dali,cpu} ...` (see --help). Errors the user can fix are one line and exit code 2.
+
+SIGINT (Ctrl-C) and SIGTERM (what schedulers send to stop a job) end the run in one line that says what its folder
+holds and how to continue, with exit code 128 + the signal's number (130, 143): what a shell reports for a process
+the signal killed, so a scheduler reads the same status as without the handler (train/outdir.py).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,21 @@ import sys
 
 from pipeline.dali_loader import DaliUnavailable
 from pipeline.data import DataError
-from train.checkpoint import CheckpointError
+from train.checkpoint import CheckpointError, OutputError
 from train.config import ConfigError, parse_config
 from train.dist import lost_contact_message, lost_peer
 from train.loop import Diverged
+from train.outdir import Interrupted, exit_code, stop_signals
 
 
 def cli(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_config(argv)
-        from train.run import main
+        with stop_signals():
+            cfg = parse_config(argv)
+            from train.run import main
 
-        main(cfg)
-    except (ConfigError, DataError, CheckpointError, DaliUnavailable) as err:
+            main(cfg)
+    except (ConfigError, DataError, CheckpointError, OutputError, DaliUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Diverged as err:
@@ -30,9 +37,12 @@ def cli(argv: list[str] | None = None) -> int:
             raise  # a bug keeps its traceback
         print(lost_contact_message(err, os.environ.get("RANK", "?")), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is in <out>/last.pt; continue with --resume auto", file=sys.stderr)
-        return 130
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt as stop:  # before the run folder was opened
+        print("interrupted before the run started; nothing was written", file=sys.stderr)
+        return exit_code(stop)
     return 0
 
 

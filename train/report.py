@@ -4,7 +4,8 @@ curves.png        train and evaluation loss and accuracy per epoch (several runs
 confusion.png     the confusion matrix of the final model on the evaluation set, with class names
 misclassified.png the evaluation images the model got most wrong, with true and predicted labels
 
-A training run writes all three into its --out at the end (from metrics.json and predictions.npz).
+A training run writes all three into its --out at the end (from metrics.json and predictions.npz). Every file is
+written whole or not at all (train/checkpoint.py `atomic_write`), never through a link planted under its name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -21,12 +23,34 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.data import CLASSES  # noqa: E402
+from train.checkpoint import OutputError, atomic_write  # noqa: E402
+from train.outdir import PLOT_FILES  # noqa: E402
 
 CURVES_SIZE = (12, 4.5)  # inches at DPI: 1200 x 450 px
 CONFUSION_SIZE = (7, 6)  # 700 x 600 px
 GRID_SIZE = (10, 11)  # 1000 x 1100 px
 DPI = 100
 WORST = 48  # images in misclassified.png
+
+
+class ReportError(Exception):
+    """A run folder's metrics.json or predictions.npz that cannot be read; the message says which and why."""
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001 (a matplotlib Figure)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    plt.close(fig)
+
+
+def _read_epochs(run: Path) -> list[dict]:
+    path = run / "metrics.json"
+    try:
+        epochs = json.loads(path.read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ReportError(f"{path}: cannot be read as a run's metrics ({type(err).__name__}: {err})") from None
+    if not epochs:
+        raise ReportError(f"{path}: no epoch recorded yet")
+    return epochs
 
 
 def _eval_key(epochs: list[dict]) -> str:
@@ -36,7 +60,7 @@ def _eval_key(epochs: list[dict]) -> str:
 def plot_curves(runs: list[Path], path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=CURVES_SIZE)
     for run in runs:
-        epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+        epochs = _read_epochs(run)
         ev = _eval_key(epochs)
         x = [e["epoch"] for e in epochs]
         name = run.name if len(runs) > 1 else ""
@@ -58,8 +82,7 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> None:
@@ -85,8 +108,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
         title=f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})",
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_misclassified(
@@ -102,38 +124,54 @@ def plot_misclassified(
         ax.set_title(f"{CLASSES[true]}\n→ {CLASSES[pred]} {conf:.0%}", fontsize=8, color="firebrick")
     fig.suptitle("most confidently wrong (true → predicted, confidence)")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_run_plots(run: Path) -> list[Path]:
+    """curves.png, and confusion.png and misclassified.png when `run` has predictions.npz; returns the paths written.
+    Raises ReportError (a file that cannot be read) or OutputError (one that cannot be written)."""
     run = Path(run)
-    written = [run / "curves.png"]
-    plot_curves([run], written[0])
+    curves, confusion, misclassified = (run / name for name in PLOT_FILES)
+    plot_curves([run], curves)
     predictions = run / "predictions.npz"
-    if predictions.exists():
-        p = np.load(predictions)
-        plot_confusion(p["labels"], p["predicted"], run / "confusion.png")
-        plot_misclassified(
-            p["worst_images"], p["worst_labels"], p["worst_predicted"], p["worst_confidence"], run / "misclassified.png"
-        )
-        written += [run / "confusion.png", run / "misclassified.png"]
-    return written
+    if not predictions.exists():
+        return [curves]
+    p = _read_predictions(predictions)
+    plot_confusion(p["labels"], p["predicted"], confusion)
+    plot_misclassified(p["worst_images"], p["worst_labels"], p["worst_predicted"], p["worst_confidence"], misclassified)
+    return [curves, confusion, misclassified]
+
+
+PREDICTION_KEYS = ("labels", "predicted", "worst_images", "worst_labels", "worst_predicted", "worst_confidence")
+
+
+def _read_predictions(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as found:
+            return {key: found[key] for key in PREDICTION_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ReportError(
+            f"{path}: truncated or corrupt ({type(err).__name__}: {err}); delete it to plot the curves alone"
+        ) from None
 
 
 def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> None:
-    """What the pictures need from the final model: every prediction, and the worst mistakes' images."""
+    """What the pictures need from the final model: every prediction, and the worst mistakes' images (uint8 NHWC),
+    as an .npz with PREDICTION_KEYS, written atomically."""
     predicted = probabilities.argmax(1)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:WORST]
-    np.savez_compressed(
+    atomic_write(
         path,
-        labels=labels,
-        predicted=predicted,
-        worst_images=images[worst],
-        worst_labels=labels[worst],
-        worst_predicted=predicted[worst],
-        worst_confidence=probabilities[worst, predicted[worst]],
+        lambda f: np.savez_compressed(
+            f,
+            labels=labels,
+            predicted=predicted,
+            worst_images=images[worst],
+            worst_labels=labels[worst],
+            worst_predicted=predicted[worst],
+            worst_confidence=probabilities[worst, predicted[worst]],
+        ),
     )
 
 
@@ -153,13 +191,20 @@ def main(argv: list[str] | None = None) -> int:
         if not (run / "metrics.json").is_file():
             print(f"error: {run}/metrics.json not found: is {run} a training run's --out?", file=sys.stderr)
             return 2
-    if len(args.runs) == 1 and args.out is None:
-        for path in write_run_plots(args.runs[0]):
-            print(path)
-        return 0
-    out = args.out or args.runs[0]
-    out.mkdir(parents=True, exist_ok=True)
-    plot_curves(args.runs, out / "curves.png")
+    try:
+        if len(args.runs) == 1 and args.out is None:
+            for path in write_run_plots(args.runs[0]):
+                print(path)
+            return 0
+        out = args.out or args.runs[0]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+        plot_curves(args.runs, out / "curves.png")
+    except (ReportError, OutputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(out / "curves.png")
     return 0
 

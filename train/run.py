@@ -23,11 +23,12 @@ from pipeline import Loader, Order, make_loader
 from pipeline.data import download, load_cifar10, resolve_root
 from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_indices
 from train import wall_seconds
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from train.checkpoint import CheckpointError, first_difference, load_checkpoint
 from train.config import ConfigError, TrainConfig, check_hardware, cuda_graph_blockers, resolve_auto
 from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
+from train.outdir import RunFolder, on_main, run_folder
 from train.step import TrainStep, autocast
 
 # Images held out by --val-split are always the same ones (this seed), whatever --seed says, so that runs with
@@ -39,7 +40,6 @@ EVAL_BATCH_SIZE = 1000  # evaluation has no backward pass: larger batches, same 
 RESUMABLE_CHANGES = frozenset(
     {"out", "resume", "overwrite", "progress", "tensorboard", "workers", "data_dir", "download", "recipe"}
 )
-OUTPUT_FILES = ("metrics.json", "last.pt", "best.pt")
 
 
 @dataclass
@@ -85,8 +85,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     device = resolve_device(cfg.device, dist)
     check_hardware(cfg, device, dist)  # every check of a flag against the device or the world size
     cfg = resolve_auto(cfg, device)
-    out, resume_from = prepare_out(cfg, dist)
-    saved = load_resumable(resume_from, cfg) if resume_from else None
+    with run_folder(cfg.out, dist, cfg.epochs) as folder:  # locked by this run until it ends (train/outdir.py)
+        return _run(cfg, dist, device, folder)
+
+
+def _run(cfg: TrainConfig, dist: Dist, device: torch.device, folder: RunFolder) -> dict:
+    """The run inside its locked folder: the rest of setup, resume, wrap, epochs, finish."""
+    saved, resume_from = open_run(cfg, dist, folder)  # the checkpoint is verified before the data is read
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
     train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
@@ -109,21 +114,25 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict:
     sizes = batch_sizes(len(data.train_x), cfg.batch_size // dist.world_size, rank_order(cfg, dist))
     warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history), sizes)
     run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds)
-    writer = tensorboard_writer(cfg, out) if dist.is_main else None
+    writer = tensorboard_writer(cfg, folder.path) if dist.is_main else None
     metrics, probabilities = {}, None
     # epochs
-    for epoch in range(len(state.history), cfg.epochs):
+    epochs_to_run = range(len(state.history), cfg.epochs)
+    for epoch in epochs_to_run:
         row, probabilities = train_and_evaluate(
             epoch, step, eval_net, state, cfg, dist, train_loader, eval_loader, data
         )
         state.history.append(row)
         if dist.is_main:
-            metrics = record_epoch(state, cfg, device, out, data.eval_name, run_info, writer)
+            metrics = record_epoch(state, cfg, device, folder, data.eval_name, run_info, writer)
     # finish
     if writer is not None:
         writer.close()
-    if dist.is_main and state.history:
-        metrics = finish(state, metrics, probabilities, cfg, data, dist, out)
+    if not epochs_to_run:  # resumed after its last epoch (killed before the run finished): finish only
+        probabilities = final_probabilities(eval_net, eval_loader, cfg, step.device, data, dist)
+        metrics = run_metrics(state, cfg, data.eval_name, run_info)
+    if dist.is_main:
+        metrics = finish(state, metrics, probabilities, cfg, data, dist, folder)
     return metrics
 
 
@@ -139,26 +148,23 @@ def resolve_device(choice: str, dist: Dist) -> torch.device:
     return torch.device("cuda", dist.local_rank)
 
 
-def prepare_out(cfg: TrainConfig, dist: Dist) -> tuple[Path, Path | None]:
-    """The output folder, and the checkpoint to resume from (None for a new run)."""
-    out = Path(cfg.out)
-    if cfg.resume:
-        return out, out / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise ConfigError(
-            f"--out {out} already holds another run ({', '.join(existing)}); use --resume auto to continue it, "
-            "--overwrite to replace it, or another --out"
-        )
-    if dist.is_main and cfg.overwrite:
-        for name in existing:
-            (out / name).unlink()
-    return out, None
+def open_run(cfg: TrainConfig, dist: Dist, folder: RunFolder) -> tuple[dict | None, Path | None]:
+    """(the verified checkpoint to resume, its path), or (None, None) for a new run; the folder takes the run on
+    (train/outdir.py: a resumed checkpoint must be of the run the folder holds, a new run needs an empty folder or
+    --overwrite). Raises ConfigError / CheckpointError before any data is read."""
+    if not cfg.resume:
+        on_main(dist, folder.start_new, cfg.overwrite)
+        return None, None
+    path = folder.path / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    saved = load_resumable(path, cfg)
+    on_main(dist, folder.adopt, saved, path, best_epoch(saved["history"], eval_split(cfg)))
+    return saved, path
 
 
 def load_resumable(path: Path, cfg: TrainConfig) -> dict:
-    """The checkpoint at `path`, checked against `cfg`: CheckpointError if it was written with settings that change
-    what the remaining epochs compute (every field but RESUMABLE_CHANGES), or if that run already finished."""
+    """The checkpoint at `path`, verified (train/checkpoint.py `load_checkpoint`) and checked against `cfg`:
+    CheckpointError if it was written with settings that change what the remaining epochs compute (every field but
+    RESUMABLE_CHANGES), or if its contents do not fit what `cfg` builds (`verify_contents`)."""
     saved = load_checkpoint(path)
     now = dataclasses.asdict(cfg)
     diffs = [
@@ -174,9 +180,28 @@ def load_resumable(path: Path, cfg: TrainConfig) -> dict:
             f"{path}: was written with other settings ({'; '.join(diffs)}). Resume with the same "
             "flags, or start a new run in another --out."
         )
-    if saved["epoch"] >= cfg.epochs:
-        raise CheckpointError(f"{path}: that run already finished all {cfg.epochs} epochs; nothing to resume.")
+    problem = verify_contents(saved, cfg)
+    if problem:
+        raise CheckpointError(
+            f"{path}: does not fit the run these settings build: {problem}. Resume from a checkpoint this tool wrote "
+            "with the same flags, or start a new run in another --out."
+        )
     return saved
+
+
+def eval_split(cfg: TrainConfig) -> str:
+    """The name of the evaluation split in metrics: "val" for a held-out --val-split, else "test"."""
+    return "val" if cfg.val_split else "test"
+
+
+def best_epoch(history: list[dict], eval_name: str) -> int | None:
+    """The evaluated epoch (1-based) with the highest accuracy, the earliest of equals: the one best.pt holds. None
+    before the first evaluation (--eval-every)."""
+    key, best = f"{eval_name}_acc", None
+    for row in history:
+        if key in row and (best is None or row[key] > history[best - 1][key]):
+            best = row["epoch"]
+    return best
 
 
 def load_data(cfg: TrainConfig, dist: Dist) -> Data:
@@ -201,7 +226,7 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         check_every_rank_has_an_image(len(train_x), Order(world_size=dist.world_size))
     except ValueError as err:
         raise ConfigError(f"training split (after --val-split and --limit-train): {err}") from None
-    return Data(train_x, train_y, test_x, test_y, "val" if cfg.val_split else "test", root.resolve())
+    return Data(train_x, train_y, test_x, test_y, eval_split(cfg), root.resolve())
 
 
 def rank_order(cfg: TrainConfig, dist: Dist, *, shuffle: bool = True) -> Order:
@@ -258,9 +283,10 @@ def build_state(cfg: TrainConfig, device: torch.device, dist: Dist, *, total_ste
 # --- checkpoints: their contents are defined here and nowhere else --------------------------------------------------
 
 
-def checkpoint_contents(state: RunState, cfg: TrainConfig, device: torch.device) -> dict:
-    """Everything a resumed run needs to compute exactly what an uninterrupted one would have. The loaders need no
-    state: they derive order and augmentations from (seed, epoch)."""
+def checkpoint_contents(state: RunState, cfg: TrainConfig, device: torch.device, *, run_id: str) -> dict:
+    """Everything a resumed run needs to compute exactly what an uninterrupted one would have, and the run it belongs
+    to (`run_id`, which metrics.json repeats). The loaders need no state: they derive order and augmentations from
+    (seed, epoch). train/checkpoint.py CHECKPOINT_FIELDS lists these keys with their types."""
     return {
         "model": state.net.state_dict(),
         "optimizer": state.optimizer.state_dict(),
@@ -270,7 +296,67 @@ def checkpoint_contents(state: RunState, cfg: TrainConfig, device: torch.device)
         "config": dataclasses.asdict(cfg),
         "history": state.history,
         "rng": rng_state(device),
+        "run_id": run_id,
     }
+
+
+def verify_contents(saved: dict, cfg: TrainConfig) -> str | None:
+    """What in checkpoint `saved` does not fit the state `cfg` builds, e.g. "model.fc.weight is a float32 tensor of
+    shape [10, 128], expected [10, 64]"; None when everything fits. Compared with a fresh build on the CPU: the
+    tensors' shapes and dtypes and the layout of model, optimizer (its per-parameter state after one step), schedule,
+    EMA and random state, and the metrics every history row needs. Catches what `restore` would otherwise trip on
+    only after the data was read, or not at all."""
+    cpu = torch.device("cpu")
+    fresh = build_state(cfg, cpu, Dist(), total_steps=1)
+    for p in fresh.net.parameters():
+        p.grad = torch.zeros_like(p)
+    fresh.optimizer.step()  # creates the per-parameter state (momentum buffers, ...) that a checkpoint holds
+    expected = checkpoint_contents(fresh, cfg, cpu, run_id="")
+    return (
+        first_difference(saved["model"], expected["model"], "model")
+        or first_difference(saved["ema"], expected["ema"], "ema")
+        or _optimizer_difference(saved["optimizer"], expected["optimizer"])
+        or first_difference(saved["scheduler"], expected["scheduler"], "scheduler", required=("base_lrs", "last_epoch"))
+        or first_difference(saved["rng"].get("torch"), expected["rng"]["torch"], "rng.torch")
+        or _cuda_rng_difference(saved["rng"].get("cuda"))
+        or _history_difference(saved["history"], cfg)
+    )
+
+
+def _optimizer_difference(saved: dict, expected: dict) -> str | None:
+    state, groups = saved.get("state"), saved.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return "optimizer is not an optimizer's state dict (a dict 'state' and a list 'param_groups')"
+    if len(groups) != len(expected["param_groups"]):
+        return f"optimizer holds {len(groups)} parameter group(s), expected {len(expected['param_groups'])}"
+    for i, (group, fresh) in enumerate(zip(groups, expected["param_groups"], strict=True)):
+        found = first_difference(group, fresh, f"optimizer.param_groups[{i}]", required=("params",))
+        if found:
+            return found
+    # per-parameter state exists only for parameters that had a gradient: a subset of the fresh one's
+    unknown = [k for k in state if k not in expected["state"]]
+    if unknown:
+        return f"optimizer.state has entries for parameters {unknown[:3]} that the model does not have"
+    return first_difference(state, {k: expected["state"][k] for k in state}, "optimizer.state")
+
+
+def _cuda_rng_difference(cuda: object) -> str | None:
+    if cuda is None or (isinstance(cuda, torch.Tensor) and cuda.dtype == torch.uint8 and cuda.dim() == 1):
+        return None
+    return "rng.cuda is neither None nor a CUDA generator state (a 1-D uint8 tensor)"
+
+
+def _history_difference(history: list[dict], cfg: TrainConfig) -> str | None:
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    accuracy = f"{eval_split(cfg)}_acc"
+    for row in history:
+        evaluated = row["epoch"] % cfg.eval_every == 0 or row["epoch"] == cfg.epochs  # as train_and_evaluate does
+        for key in ("seconds", accuracy) if evaluated else ("seconds",):
+            if not number(row.get(key)):
+                return f"history row of epoch {row['epoch']} has no number {key!r}"
+    return None
 
 
 def restore(state: RunState, saved: dict, device: torch.device) -> None:
@@ -476,15 +562,29 @@ def record_epoch(
     state: RunState,
     cfg: TrainConfig,
     device: torch.device,
-    out: Path,
+    folder: RunFolder,
     eval_name: str,
     run_info: dict,
     writer: object | None,
 ) -> dict:
-    """Rank 0, after each epoch: metrics.json, last.pt, best.pt (when the evaluation accuracy improved), tensorboard.
-    `run_info` holds what is fixed for the run (env, resolved settings, warm-up time). Returns the metrics written."""
+    """Rank 0, after each epoch: last.pt, best.pt (when the evaluation accuracy improved), then metrics.json, the
+    commit record (train/outdir.py says why in that order); then tensorboard. `run_info` holds what is fixed for the
+    run (env, resolved settings, warm-up time). Returns the metrics written."""
     history = state.history
-    metrics = {
+    checkpoint = checkpoint_contents(state, cfg, device, run_id=folder.run_id)
+    best = best_epoch(history, eval_name) == len(history)
+    metrics = folder.commit_epoch(checkpoint, run_metrics(state, cfg, eval_name, run_info), best=best)
+    if writer is not None:
+        for name, value in history[-1].items():
+            if name != "epoch" and isinstance(value, int | float):
+                writer.add_scalar(name, value, len(history))
+    return metrics
+
+
+def run_metrics(state: RunState, cfg: TrainConfig, eval_name: str, run_info: dict) -> dict:
+    """metrics.json's contents for the epochs so far (RunFolder adds run_id, the checkpoints' epochs, finished)."""
+    history = state.history
+    return {
         "recipe": cfg.recipe,
         "config": dataclasses.asdict(cfg),
         "params": models.count_params(state.net),
@@ -495,30 +595,26 @@ def record_epoch(
         "wall_seconds": wall_seconds(),
         "epochs": history,
     }
-    save_json(metrics, out / "metrics.json")
-    checkpoint = checkpoint_contents(state, cfg, device)
-    save_checkpoint(checkpoint, out / "last.pt")
-    key = f"{eval_name}_acc"
-    accuracy = [e[key] for e in history[:-1] if key in e]
-    if key in history[-1] and history[-1][key] > max(accuracy, default=-1.0):
-        save_checkpoint(checkpoint, out / "best.pt")
-    if writer is not None:
-        for name, value in history[-1].items():
-            if name != "epoch" and isinstance(value, int | float):
-                writer.add_scalar(name, value, len(history))
-    return metrics
 
 
 # --- finish ---------------------------------------------------------------------------------------------------------
 
 
 def finish(
-    state: RunState, metrics: dict, probabilities: np.ndarray, cfg: TrainConfig, data: Data, dist: Dist, out: Path
+    state: RunState,
+    metrics: dict,
+    probabilities: np.ndarray,
+    cfg: TrainConfig,
+    data: Data,
+    dist: Dist,
+    folder: RunFolder,
 ) -> dict:
     """Rank 0, after the last epoch: the summary line, predictions.npz (from the final evaluation's probabilities),
-    the plots, and metrics.json once more with the whole command's wall_seconds. Returns the final metrics."""
+    the plots, and metrics.json once more, marked finished, with the whole command's wall_seconds. Returns the final
+    metrics."""
     from train.report import save_predictions, write_run_plots
 
+    out = folder.path
     key = f"{data.eval_name}_acc"
     evaluated = [e[key] for e in state.history if key in e]
     log(
@@ -527,12 +623,21 @@ def finish(
         f"{metrics['train_seconds']:.1f}s over {len(state.history)} epochs -> {out}/metrics.json",
     )
     log(dist, f"writing predictions.npz and the plots (curves, confusion, misclassified) to {out}...")
-    save_predictions(out / "predictions.npz", data.eval_x, data.eval_y, probabilities)
-    written = write_run_plots(out)
-    metrics = {**metrics, "wall_seconds": wall_seconds()}
-    save_json(metrics, out / "metrics.json")
+    written = []
+    folder.write_outputs(lambda: save_predictions(out / "predictions.npz", data.eval_x, data.eval_y, probabilities))
+    folder.write_outputs(lambda: written.extend(write_run_plots(out)))
+    metrics = folder.commit_finished({**metrics, "wall_seconds": wall_seconds()})
     log(dist, f"plots: {', '.join(p.name for p in written)} | whole command {metrics['wall_seconds']:.1f}s")
     return metrics
+
+
+def final_probabilities(
+    eval_net: nn.Module, eval_loader: Loader, cfg: TrainConfig, device: torch.device, data: Data, dist: Dist
+) -> np.ndarray | None:
+    """The final model's class probabilities over the evaluation split in order (rank 0; None elsewhere), for a run
+    resumed after its last epoch: what that epoch's evaluation would have handed to `finish`."""
+    evaluated = evaluate(eval_net, eval_loader, device=device, amp=cfg.amp, tta=cfg.tta, keep_probabilities=True)
+    return gather_in_order(evaluated["probabilities"], len(data.eval_x), dist)
 
 
 def describe_for_metrics(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist, warmup_seconds: float) -> dict:
