@@ -398,9 +398,14 @@ class DaliLoader:
                 rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
                 if self.layout.fills:
                     rows["holes"] = holes
-                laid = {name: _per_sample(v, every) for name, v in rows.items()}
-                first = np.cumsum([0, *(len(chunk) for chunk in pieces)]).tolist()
-                inputs = [{k: v[a:b] for k, v in laid.items()} for a, b in zip(first[:-1], first[1:], strict=True)]
+                laid = {name: (_lay_out(v, every), v.shape[1]) for name, v in rows.items()}
+                inputs = [
+                    {
+                        name: _as_samples(flat[r * g[0][0] : r * g[-1][1]], [d - c for c, d in chunk], (r, -1, 1, 1))
+                        for name, (flat, r) in laid.items()
+                    }
+                    for g, chunk in zip(groups, pieces, strict=True)
+                ]
         return [
             _Chunk(
                 start=group[0][0],
@@ -416,7 +421,7 @@ class DaliLoader:
         """Feed DALI one chunk and schedule its iteration (asynchronous: DALI runs it on its own threads/stream)."""
         images = self.images[chunk.index]  # the chunk's one gather on the device
         if self.graph == "batched":
-            tall = [part.view(-1, self.width, 3) for part in images.split(chunk.samples)]
+            tall = _as_samples(images, chunk.samples, (-1, self.width, 3))
             self._feed_input("images", tall, layout="HWC")
         else:
             self._feed_input("images", images, layout="HWC")
@@ -482,16 +487,25 @@ def _samples_in(sizes: list[int]) -> int:
     return sum(-(-size // IMAGES_PER_SAMPLE) for size in sizes)
 
 
-def _per_sample(rows: torch.Tensor, pieces: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """`rows` (N, R) of per-image values laid out as the batched graph takes them: for each [c, d) of `pieces`, a
-    contiguous (R, d - c, 1, 1) tensor (row r holds images c..d-1's r-th value, broadcastable against a tile's
-    (H, W) grid). One gather for all pieces; the per-piece tensors are views of it."""
-    if not pieces:
-        return []
+def _lay_out(rows: torch.Tensor, pieces: list[tuple[int, int]]) -> torch.Tensor:
+    """`rows` (N, R) of per-image values laid out flat as the batched graph takes them: for each [c, d) of `pieces`
+    (consecutive, from 0 to N), an (R, d - c) block, row r holding images c..d-1's r-th value; the block of image
+    c's piece starts at element R * c. One gather for the whole epoch."""
     r = rows.shape[1]
-    where = np.concatenate([(np.arange(c, d)[None, :] * r + np.arange(r)[:, None]).ravel() for c, d in pieces])
-    laid = rows.reshape(-1)[torch.from_numpy(where).to(rows.device)]
-    return [block.view(r, -1, 1, 1) for block in laid.split([r * (d - c) for c, d in pieces])]
+    where = [(np.arange(c, d)[None, :] * r + np.arange(r)[:, None]).ravel() for c, d in pieces]
+    return rows.reshape(-1)[torch.from_numpy(np.concatenate(where) if where else np.zeros(0, np.int64)).to(rows.device)]
+
+
+def _as_samples(flat: torch.Tensor, images: list[int], shape: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
+    """Consecutive DALI samples of `images` images each, stored one after another in the contiguous `flat`, each
+    viewed as `shape` (one -1 in it: the axis that grows with the images). When all samples hold the same number of
+    images they are one (samples, *shape) tensor, which DALI's feed_input takes as a whole batch in one call (a list
+    costs it per sample: ~10 us each on this 2-core machine's CPU); otherwise a list of views, one per sample."""
+    flat = flat.reshape(-1)
+    per_image = flat.numel() // max(sum(images), 1)
+    if len(set(images)) == 1:
+        return flat.view(len(images), *shape)
+    return [part.view(shape) for part in flat.split([per_image * n for n in images])]
 
 
 def _say_cpu_mode_once() -> None:
