@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -62,33 +63,39 @@ _MARK = "host_ops.batch."
 class HostWork:
     """What taking each batch of one epoch cost the host.
 
-    ops[i]:   torch operations (name -> count) while batch i was taken from the loader
-    dali[i]:  DALI pipeline calls (name -> count) in the same time
+    ops[i]:     torch operations (name -> count) while batch i was taken from the loader
+    dali[i]:    DALI pipeline calls (name -> count) in the same time
+    seconds[i]: host wall time of taking batch i in another epoch, without profiler or counting (on a GPU the
+                loader's host work; where the loader waits for DALI to finish a chunk, that wait too)
     chunk_batches: batches per DALI chunk (1 for a loader without chunks); batch i starts a chunk when
-              i % chunk_batches == 0, and batch 0 also holds the epoch's start.
+                i % chunk_batches == 0, and batch 0 also holds the epoch's start.
     """
 
     ops: list[Counter]
     dali: list[Counter]
+    seconds: list[float]
     chunk_batches: int
-
-    def boundary(self, i: int) -> bool:
-        return i % self.chunk_batches == 0
 
     @property
     def chunks(self) -> int:
         """DALI iterations (chunks) in the epoch."""
         return -(-len(self.ops) // self.chunk_batches)
 
-    def between(self) -> tuple[Counter, Counter, int]:
-        """(torch operations, DALI calls) summed over the batches that do not start a chunk, and their number."""
-        inner = [i for i in range(len(self.ops)) if not self.boundary(i)]
-        return sum((self.ops[i] for i in inner), Counter()), sum((self.dali[i] for i in inner), Counter()), len(inner)
+    def between(self) -> list[int]:
+        """The batches that do not start a chunk."""
+        return [i for i in range(len(self.ops)) if i % self.chunk_batches]
 
-    def later_boundaries(self) -> tuple[Counter, int]:
-        """Torch operations summed over the chunk boundaries after the epoch's first batch, and their number."""
-        starts = [i for i in range(1, len(self.ops)) if self.boundary(i)]
-        return sum((self.ops[i] for i in starts), Counter()), len(starts)
+    def later_boundaries(self) -> list[int]:
+        """The batches after the epoch's first that start a chunk."""
+        return [i for i in range(1, len(self.ops)) if i % self.chunk_batches == 0]
+
+    def total(self, batches: list[int]) -> tuple[Counter, Counter, float]:
+        """(torch operations, DALI calls, seconds) summed over `batches`."""
+        return (
+            sum((self.ops[i] for i in batches), Counter()),
+            sum((self.dali[i] for i in batches), Counter()),
+            sum(self.seconds[i] for i in batches),
+        )
 
 
 class _CountingPipe:
@@ -117,12 +124,19 @@ def _launches(event) -> bool:  # noqa: ANN001 (a profiler FunctionEvent)
 
 
 def host_work(loader, warmup_epochs: int = 1) -> HostWork:  # noqa: ANN001 (a pipeline.Loader)
-    """Count the torch operations and DALI calls of each batch of one epoch of `loader`, after `warmup_epochs`
-    whole epochs (steady state: DALI's buffers allocated, torch's caching allocator warm). The loader's DALI
-    pipeline (`loader.pipe`, if it has one) is wrapped for the epoch and restored afterwards."""
+    """Time, then count the torch operations and DALI calls of, each batch of one epoch of `loader` (two epochs),
+    after `warmup_epochs` whole epochs (steady state: DALI's buffers allocated, torch's caching allocator warm).
+    The loader's DALI pipeline (`loader.pipe`, if it has one) is wrapped for the counted epoch and restored after."""
     for _ in range(warmup_epochs):
         for _ in loader:
             pass
+    seconds = []
+    it = iter(loader)
+    for _ in range(len(loader)):
+        start = time.perf_counter()
+        next(it)
+        seconds.append(time.perf_counter() - start)
+    it.close()
     calls: Counter = Counter()
     pipe = getattr(loader, "pipe", None)
     if pipe is not None:
@@ -146,15 +160,19 @@ def host_work(loader, warmup_epochs: int = 1) -> HostWork:  # noqa: ANN001 (a pi
         if event.name.startswith(_MARK):
             i = int(event.name[len(_MARK) :])
             ops[i].update(c.name for c in event.cpu_children if c.name.startswith("aten::") and _launches(c))
-    return HostWork(ops, dali, getattr(loader, "chunk_batches", 1))
+    return HostWork(ops, dali, seconds, getattr(loader, "chunk_batches", 1))
 
 
-def _line(what: str, ops: Counter, dali: Counter, per: int) -> None:
+def _line(what: str, ops: Counter, dali: Counter, seconds: float, per: int) -> None:
+    """One line of the report: counts and host time per `per` batches."""
+
     def say(counter: Counter) -> str:
-        common = ", ".join(f"{name} x{count / max(per, 1):.3g}" for name, count in counter.most_common(4))
-        return f"{sum(counter.values()) / max(per, 1):.3g}" + (f" ({common})" if common else "")
+        common = ", ".join(f"{name} x{count / per:.3g}" for name, count in counter.most_common(4))
+        return f"{sum(counter.values()) / per:.3g}" + (f" ({common})" if common else "")
 
     parts = [f"torch ops {say(ops)}" if ops or not dali else "", f"DALI calls {say(dali)}" if dali or not ops else ""]
+    if seconds:
+        parts.append(f"host time {seconds / per * 1e3:.3g} ms")
     print(f"{what}: " + "; ".join(part for part in parts if part))
 
 
@@ -191,16 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = len(work.ops)
     print(f"{args.loader} loader on {device}, batch {args.batch_size}, {args.images} images: {batches} batches")
     if getattr(loader, "pipe", None) is None:
-        _line("per batch", sum(work.ops, Counter()), Counter(), batches)
+        _line("per batch", *work.total(list(range(batches))), batches)
         return 0
     print(f"{work.chunks} chunk(s) (DALI iterations) of up to {work.chunk_batches} batches")
-    ops, dali, inner = work.between()
-    _line(f"per batch between chunk boundaries ({inner} batches)", ops, dali, inner)
-    _line("per chunk, DALI", Counter(), sum(work.dali, Counter()), work.chunks)
-    ops, starts = work.later_boundaries()
-    _line(f"at the chunk boundaries after the first batch ({starts}), in all", ops, Counter(), 1)
-    _line("epoch start (first batch: parameters drawn, first chunks fed)", work.ops[0], work.dali[0], 1)
-    _line("per batch over the whole epoch", sum(work.ops, Counter()), sum(work.dali, Counter()), batches)
+    inner, later = work.between(), work.later_boundaries()
+    _line(f"per batch between chunk boundaries ({len(inner)} batches)", *work.total(inner), len(inner))
+    _line("per chunk, DALI", Counter(), work.total(list(range(batches)))[1], 0.0, work.chunks)
+    if later:
+        _line(f"per chunk boundary after the epoch's first batch ({len(later)})", *work.total(later), len(later))
+    _line("epoch start (first batch: parameters drawn, first chunks fed)", *work.total([0]), 1)
+    _line("per batch over the whole epoch", *work.total(list(range(batches))), batches)
     return 0
 
 

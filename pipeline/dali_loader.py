@@ -17,9 +17,9 @@ mask blended with its fill. `GraphLayout` is what a spec's units put into a grap
 Both emit NHWC float32; viewed as NCHW that is exactly torch's channels_last memory, so no transpose is ever made.
 
 DALI's iteration is not the training batch. One DALI iteration augments a *chunk* of whole training batches (up to
-CHUNK_IMAGES images) into fresh device memory, one chunk ahead of the training loop; the loop's batches are slices of
-that memory. Per training batch the loader calls no DALI function and runs no torch kernel; DALI's fixed cost per
-iteration (~2-3 ms of host time) is paid once per chunk (`python -m bench.host_ops` counts both).
+CHUNK_IMAGES images on the GPU) into fresh device memory, one chunk ahead of the training loop; the loop's batches
+are slices of that memory. Per training batch the loader calls no DALI function and runs no torch kernel; DALI's
+fixed cost per iteration (~2-3 ms of host time) is paid once per chunk (`python -m bench.host_ops` counts both).
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ from pipeline.spec import AugSpec
 # (see DaliLoader for the total). A chunk is whole training batches: as many as fit in this many images, at least
 # one (so a batch never straddles two chunks), and the whole shard when it is smaller.
 CHUNK_IMAGES = 8192
+# The per-image CPU graph's chunk. On the CPU, DALI's cost per iteration is small next to its work per image (~55 us
+# of CPU time per image on the 2-core development machine), and a chunk whose buffers outgrow the CPU's caches costs
+# more than the iterations it saves. Measured there at batch 512 (32,768 images, 2 DALI threads, 10 alternating
+# epochs each on a loaded machine): CPU time per image 70 us with one iteration per batch (before chunks), 54 us
+# with chunks of 4,096, 63 us with 8,192.
+CPU_CHUNK_IMAGES = 4096
 # Chunks fed to DALI ahead of the one whose batches the loop is training on. One keeps DALI augmenting while the
 # model trains, as long as DALI augments a chunk faster than the model trains on it (the loader-alone target,
 # >= 1.5M img/s, is five times the model's ~300k img/s). More would only hold more device memory.
@@ -217,11 +223,12 @@ class DaliLoader:
     Satisfies pipeline.Loader.
 
     DALI augments the epoch in chunks of `chunk_batches` whole batches (`chunk_images` images at most, at least one
-    batch; default CHUNK_IMAGES), each into fresh memory on `device`, CHUNKS_AHEAD chunk(s) ahead of the consumer;
-    every batch handed out is a view (slice) of its chunk's memory, which stays valid as long as the consumer holds
-    any view of it (torch frees it when the last one dies). The chunk size changes no batch's content: the same
-    images, parameters and output bits for any `chunk_images` (tests/test_loaders.py). A consumer that stops early
-    leaves nothing queued in DALI (the chunk in flight is drained when the iterator is closed or collected).
+    batch; default CHUNK_IMAGES for the batched graph, CPU_CHUNK_IMAGES for the per-image one), each into fresh
+    memory on `device`, CHUNKS_AHEAD chunk(s) ahead of the one being handed out. Every batch handed out is a view
+    (slice) of its chunk's memory, valid as long as the consumer holds it (torch frees the chunk when its last view
+    dies). The chunk size changes no batch's content: the same images, parameters and output bits for any
+    `chunk_images` (tests/test_loaders.py). A consumer that stops early leaves nothing queued in DALI (the chunk in
+    flight is drained when the iterator is closed or collected).
 
     Device memory, for CIFAR's 32x32 images at the default chunk size: the split itself (uint8, 150 MB for the
     training set), the chunk the loop trains on (8,192 x 3x32x32 float32 = 100.7 MB), DALI's output of it (the same
@@ -246,9 +253,9 @@ class DaliLoader:
         workers: int | None,
         graph: str | None = None,
         remap=None,
-        chunk_images: int = CHUNK_IMAGES,
+        chunk_images: int | None = None,
     ):
-        if chunk_images < 1:
+        if chunk_images is not None and chunk_images < 1:
             raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
         if train:
             spec.check_image_size(*images.shape[1:3])
@@ -264,6 +271,7 @@ class DaliLoader:
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
         self.num_samples = shard_size(self.n, order)
+        chunk_images = chunk_images or (CHUNK_IMAGES if self.graph == "batched" else CPU_CHUNK_IMAGES)
         self.chunk_batches = max(1, chunk_images // batch_size)
         self.layout = graph_layout(spec)
         self.epoch = 0
@@ -335,13 +343,13 @@ class DaliLoader:
                 self._submit(chunk)
                 pending += 1
             for k, chunk in enumerate(chunks):
-                x = self._collect()
-                pending -= 1
-                # the next chunk goes to DALI before this one's batches are handed out: DALI augments it while the
-                # loop trains on these
+                # the next chunk goes to DALI before this one is collected: DALI augments it while this one is
+                # copied out of DALI and the loop trains on its batches
                 if k + CHUNKS_AHEAD < len(chunks):
                     self._submit(chunks[k + CHUNKS_AHEAD])
                     pending += 1
+                x = self._collect()
+                pending -= 1
                 for a, b in chunk.spans:
                     yield x[a - chunk.start : b - chunk.start], labels[a:b]
         finally:  # a consumer that stops early must not leave chunks queued for the next epoch
