@@ -15,12 +15,16 @@ mask blended with its fill. `GraphLayout` is what a spec's units put into a grap
   same box and normalize code.
 
 Both emit NHWC float32; viewed as NCHW that is exactly torch's channels_last memory, so no transpose is ever made.
+
+DALI's iteration is not the training batch. One DALI iteration augments a *chunk* of whole training batches (up to
+CHUNK_IMAGES images on the GPU) into fresh device memory, one chunk ahead of the training loop; the loop's batches
+are slices of that memory. Per training batch the loader calls no DALI function and runs no torch kernel; DALI's
+fixed cost per iteration (~2-3 ms of host time) is paid once per chunk (`python -m bench.host_ops` counts both).
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,13 +37,28 @@ from pipeline.order import Order, batch_sizes, epoch_batches, num_batches, shard
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
-# Batches handed to DALI ahead of the training loop. Two keeps DALI busy while the model trains on the current one.
-# (DALI's own prefetch_queue_depth stays 1: its first schedule_run() would otherwise run that many iterations at once,
-# and with fed inputs it is simpler to schedule exactly one iteration per fed batch; the dynamic executor queues them.)
-LOOKAHEAD = 2
+# Images DALI augments per iteration: a chunk. DALI costs a fixed ~2-3 ms of host time per iteration (executor,
+# operator launches; measured on an H200 host, issue 10) plus a little per DALI sample. Paid per training batch it
+# capped the loader at 59k/179k/605k img/s at batch 128/512/2048; over 8,192 images it is ~0.3 us per image, a
+# ceiling above 2.5M img/s, while a chunk's output stays small on the device: 8,192 x 3x32x32 float32 = 100.7 MB
+# (see DaliLoader for the total). A chunk is whole training batches: as many as fit in this many images, at least
+# one (so a batch never straddles two chunks), and the whole shard when it is smaller.
+CHUNK_IMAGES = 8192
+# The per-image CPU graph's chunk. On the CPU, DALI's cost per iteration is small next to its work per image (~55 us
+# of CPU time per image on the 2-core development machine), and a chunk whose buffers outgrow the CPU's caches costs
+# more than the iterations it saves. Measured there at batch 512 (32,768 images, 2 DALI threads, 10 alternating
+# epochs each on a loaded machine): CPU time per image 70 us with one iteration per batch (before chunks), 54 us
+# with chunks of 4,096, 63 us with 8,192.
+CPU_CHUNK_IMAGES = 4096
+# Chunks fed to DALI ahead of the one whose batches the loop is training on. One keeps DALI augmenting while the
+# model trains, as long as DALI augments a chunk faster than the model trains on it (the loader-alone target,
+# >= 1.5M img/s, is five times the model's ~300k img/s). More would only hold more device memory.
+CHUNKS_AHEAD = 1
 # Images stacked into one tall DALI sample. Row coordinates in the tall image are float32: at 256 images (8,192
 # rows) their resolution is 1/1024 px; a whole 2,048-image batch in one sample (65,536 rows) would leave 1/128 px
-# and visibly shift the bilinear weights. A batch is split into samples of this many images.
+# and visibly shift the bilinear weights. Each training batch is cut into samples of this many images counted from
+# the batch's own start, so an image's tile in its sample, and so its float32 coordinates to the last bit, is the
+# same whatever the chunk size.
 IMAGES_PER_SAMPLE = 256
 
 _warned_cpu_mode = False
@@ -184,6 +203,17 @@ def _to_dali_corner_convention(matrices: torch.Tensor) -> torch.Tensor:
     return m
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One DALI iteration: a run of whole training batches of the epoch, and what DALI is fed for it."""
+
+    start: int  # position of its first image in the epoch's order
+    index: torch.Tensor  # (n,) int64: dataset indices of its images, in order, on the loader's device
+    spans: list[tuple[int, int]]  # [start, end) of each of its training batches in the epoch's order
+    samples: list[int]  # batched graph: images in each DALI sample (each batch cut into IMAGES_PER_SAMPLE pieces)
+    inputs: dict  # the other DALI inputs by name: a tensor (first axis = samples) or a list (one per sample)
+
+
 class DaliLoader:
     """Yields (x, y) like the CPU loader: x float32 [B,3,H,W] channels_last, normalized; y int64 [B]; on `device`.
 
@@ -192,8 +222,22 @@ class DaliLoader:
     come from a generator seeded by (seed, epoch, rank), so an epoch is reproducible on its own, e.g. after resuming.
     Satisfies pipeline.Loader.
 
+    DALI augments the epoch in chunks of `chunk_batches` whole batches (`chunk_images` images at most, at least one
+    batch; default CHUNK_IMAGES for the batched graph, CPU_CHUNK_IMAGES for the per-image one), each into fresh
+    memory on `device`, CHUNKS_AHEAD chunk(s) ahead of the one being handed out. Every batch handed out is a view
+    (slice) of its chunk's memory, valid as long as the consumer holds it (torch frees the chunk when its last view
+    dies). The chunk size changes no batch's content: the same images, parameters and output bits for any
+    `chunk_images` (tests/test_loaders.py). A consumer that stops early leaves nothing queued in DALI (the chunk in
+    flight is drained when the iterator is closed or collected).
+
+    Device memory, for CIFAR's 32x32 images at the default chunk size: the split itself (uint8, 150 MB for the
+    training set), the chunk the loop trains on (8,192 x 3x32x32 float32 = 100.7 MB), DALI's output of it (the same
+    again, kept until its copy is known to be done) and the chunk DALI is augmenting with its intermediates (sampling
+    maps, masks: a few hundred MB): estimated under 1 GB in all, not yet measured on a GPU.
+
     `graph` picks the DALI graph: "batched" (the GPU design; the default on CUDA) or "per_image" (the default on
     the CPU). `remap` replaces the batched graph's resampling operator; tests use it to run that graph on the CPU.
+    Raises ValueError for an unknown graph, the per_image graph on CUDA, or chunk_images < 1.
     """
 
     def __init__(
@@ -209,54 +253,61 @@ class DaliLoader:
         workers: int | None,
         graph: str | None = None,
         remap=None,
+        chunk_images: int | None = None,
     ):
+        if chunk_images is not None and chunk_images < 1:
+            raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
         if train:
             spec.check_image_size(*images.shape[1:3])
         batched_pipeline, per_image_pipeline = _graphs()
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
         self.graph = graph or ("batched" if on_gpu else "per_image")
+        if self.graph not in ("batched", "per_image"):
+            raise ValueError(f"unknown DALI graph {graph!r}; choose batched or per_image")
+        if self.graph == "per_image" and on_gpu:
+            raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
         self.spec, self.train, self.order, self.batch_size = spec, train, order, batch_size
         self.n = len(images)
         self.height, self.width = images.shape[1:3]
         self.num_samples = shard_size(self.n, order)
-        # The pipelines' batch limit: batch_size (run_fixed's limit too), or one more where this rank's last batch
-        # takes its shard's odd image (pipeline.order).
-        largest = max([batch_size, *batch_sizes(self.n, batch_size, order)])
+        chunk_images = chunk_images or (CHUNK_IMAGES if self.graph == "batched" else CPU_CHUNK_IMAGES)
+        self.chunk_batches = max(1, chunk_images // batch_size)
         self.layout = graph_layout(spec)
         self.epoch = 0
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
-        # batch, and the batch is gathered by index on the device.
+        # chunk, and a chunk is gathered by index on the device.
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
         if not on_gpu and order.rank == 0:
             _say_cpu_mode_once()
         options = dict(
             num_threads=workers or min(4, os.cpu_count() or 1),
+            # DALI's own prefetch stays 1: its first schedule_run() would otherwise run that many iterations at
+            # once, and with fed inputs it is simpler to schedule exactly one iteration per fed chunk (the dynamic
+            # executor queues them; CHUNKS_AHEAD says how many).
             prefetch_queue_depth=1,
             seed=order.seed,
             device_id=(self.device.index or 0) if on_gpu else None,
         )
+        # The pipelines' batch limit, in DALI samples: the largest chunk of an epoch, or run_fixed's batch_size
+        # images (this rank's last batch may hold batch_size + 1, see pipeline.order).
+        sizes = batch_sizes(self.n, batch_size, order)
+        groups = [sizes[i : i + self.chunk_batches] for i in range(0, len(sizes), self.chunk_batches)]
         if self.graph == "batched":
             extra = {"remap": remap} if remap is not None else {}
+            most = max(_samples_in(g) for g in [[batch_size], *groups])
+            device_kind = "gpu" if on_gpu else "cpu"
             self.pipe = batched_pipeline(
-                spec,
-                self.height,
-                self.width,
-                train,
-                "gpu" if on_gpu else "cpu",
-                **extra,
-                batch_size=-(-largest // IMAGES_PER_SAMPLE),
-                **options,
+                spec, self.height, self.width, train, device_kind, **extra, batch_size=most, **options
             )
-        elif self.graph == "per_image":
-            if on_gpu:
-                raise ValueError("the per_image graph is DALI's CPU fallback; on CUDA use the batched graph")
-            self.pipe = per_image_pipeline(spec, self.height, self.width, train, batch_size=largest, **options)
         else:
-            raise ValueError(f"unknown DALI graph {graph!r}; choose batched or per_image")
+            most = max(sum(g) for g in [[batch_size], *groups])
+            self.pipe = per_image_pipeline(spec, self.height, self.width, train, batch_size=most, **options)
         self.pipe.build()
-        self._in_flight: deque = deque()  # DALI outputs whose asynchronous copy to torch may still be running
+        # (DALI's output, CUDA event): DALI's buffer of the last chunk collected on the GPU, kept alive until the
+        # asynchronous copy out of it is done (see _collect)
+        self._held: tuple | None = None
 
     def __len__(self) -> int:
         return num_batches(self.n, self.batch_size, self.order)
@@ -269,8 +320,9 @@ class DaliLoader:
         chosen = epoch_batches(self.n, self.batch_size, epoch, self.order)
         index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
         # Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
-        # the whole epoch: per batch the host then only slices, which keeps the loader's host time off the
-        # training loop's (on a launch-bound GPU host every kernel launch counts).
+        # the whole epoch: per chunk the host then only gathers the images and feeds DALI, and per batch it only
+        # slices, which keeps the loader's host time off the training loop's (on a launch-bound GPU host every
+        # kernel launch counts).
         params = (
             draw_params(
                 self.spec,
@@ -283,20 +335,26 @@ class DaliLoader:
             if self.train
             else None
         )
-        batches = self._batches(index, self.labels[index], params, [len(b) for b in chosen])
-        labels: deque[torch.Tensor] = deque()
+        labels = self.labels[index]
+        chunks = self._chunks(index, params, [len(b) for b in chosen], self.chunk_batches)
+        pending = 0  # chunks fed to DALI and not collected yet
         try:
-            for batch in batches[:LOOKAHEAD]:
-                labels.append(self._submit(*batch))
-            for b in range(len(batches)):
+            for chunk in chunks[:CHUNKS_AHEAD]:
+                self._submit(chunk)
+                pending += 1
+            for k, chunk in enumerate(chunks):
+                # the next chunk goes to DALI before this one is collected: DALI augments it while this one is
+                # copied out of DALI and the loop trains on its batches
+                if k + CHUNKS_AHEAD < len(chunks):
+                    self._submit(chunks[k + CHUNKS_AHEAD])
+                    pending += 1
                 x = self._collect()
-                y = labels.popleft()
-                if b + LOOKAHEAD < len(batches):
-                    labels.append(self._submit(*batches[b + LOOKAHEAD]))
-                yield x, y
-        finally:  # a consumer that stops early must not leave batches queued for the next epoch
+                pending -= 1
+                for a, b in chunk.spans:
+                    yield x[a - chunk.start : b - chunk.start], labels[a:b]
+        finally:  # a consumer that stops early must not leave chunks queued for the next epoch
             if self.pipe is not None and getattr(self.pipe, "_pipe", None) is not None:  # (None at interpreter exit)
-                for _ in labels:
+                for _ in range(pending):
                     self.pipe.outputs()
 
     def run_fixed(self, images: np.ndarray, params: AugParams) -> torch.Tensor:
@@ -305,114 +363,157 @@ class DaliLoader:
         saved = self.images
         self.images = torch.from_numpy(images).to(self.device)
         try:
-            index = torch.arange(len(images), device=self.device)
-            ((_, _, inputs),) = self._batches(index, torch.zeros_like(index), params, [len(images)])
-            self._feed(index, inputs)
-            self.pipe.schedule_run()
+            (chunk,) = self._chunks(torch.arange(len(images), device=self.device), params, [len(images)], 1)
+            self._submit(chunk)
             return self._collect()
         finally:
             self.images = saved
 
-    def _batches(
-        self, order: torch.Tensor, labels: torch.Tensor, params: AugParams | None, sizes: list[int]
-    ) -> list[tuple]:
-        """(image indices, labels, DALI inputs by name) per batch of `sizes` images, cut from the epoch's `order`;
-        the inputs are views into tensors made once."""
+    def _chunks(self, order: torch.Tensor, params: AugParams | None, sizes: list[int], per_chunk: int) -> list[_Chunk]:
+        """The epoch's `order` (dataset indices) cut into batches of `sizes` images and those into chunks of
+        `per_chunk` batches, each chunk with its DALI inputs: views into tensors made once for the epoch."""
         h, w, n = self.height, self.width, len(order)
         ends = np.cumsum(sizes).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
-        if not self.train:
-            return [(order[a:b], labels[a:b], {}) for a, b in spans]
-        params = params.for_units(units_of(self.spec), self.device)
-        matrices, shifts, holes = sampling_matrices(params, h, w), grid_shifts(params), hole_boxes(params)
-        if self.graph == "per_image":
-            inputs = {"warp": _to_dali_corner_convention(matrices)}
-            if self.layout.shifts:
-                translation = torch.eye(2, 3, device=self.device).repeat(n, 1, 1)
-                translation[:, :, 2] = shifts
-                inputs["shift"] = _to_dali_corner_convention(translation)
-            if self.layout.fills:
-                inputs["holes"] = holes.view(n, -1, 1, 1)
-            return [(order[a:b], labels[a:b], {k: v[a:b] for k, v in inputs.items()}) for a, b in spans]
-        # batched graph, per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
-        # image's first row in the tall image; holes (4 per Box unit, N, 1, 1). Made contiguous per sample once, here.
-        within = np.concatenate([np.arange(size) for size in sizes]) if sizes else np.zeros(0, np.int64)
-        position = torch.from_numpy(within % IMAGES_PER_SAMPLE).to(self.device)
-        rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
-        if self.layout.fills:
-            rows["holes"] = holes
-        batches = []
-        for a, b in spans:
-            chunks = [(c, min(c + IMAGES_PER_SAMPLE, b)) for c in range(a, b, IMAGES_PER_SAMPLE)]
-            inputs = {k: [v[c:d].T.reshape(v.shape[1], -1, 1, 1) for c, d in chunks] for k, v in rows.items()}
-            batches.append((order[a:b], labels[a:b], inputs))
-        return batches
+        groups = [spans[i : i + per_chunk] for i in range(0, len(spans), per_chunk)]
+        # batched graph: each batch cut into DALI samples from its own start, whatever chunk it is in (the tile an
+        # image takes in its sample enters its float32 sampling coordinates)
+        pieces = [
+            [(c, min(c + IMAGES_PER_SAMPLE, b)) for a, b in group for c in range(a, b, IMAGES_PER_SAMPLE)]
+            if self.graph == "batched"
+            else []
+            for group in groups
+        ]
+        inputs: list[dict] = [{} for _ in groups]
+        if self.train:
+            params = params.for_units(units_of(self.spec), self.device)
+            matrices, shifts, holes = sampling_matrices(params, h, w), grid_shifts(params), hole_boxes(params)
+            if self.graph == "per_image":
+                columns = {"warp": _to_dali_corner_convention(matrices)}
+                if self.layout.shifts:
+                    translation = torch.eye(2, 3, device=self.device).repeat(n, 1, 1)
+                    translation[:, :, 2] = shifts
+                    columns["shift"] = _to_dali_corner_convention(translation)
+                if self.layout.fills:
+                    columns["holes"] = holes.view(n, -1, 1, 1)
+                inputs = [{k: v[g[0][0] : g[-1][1]] for k, v in columns.items()} for g in groups]
+            else:
+                # per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
+                # image's first row in the tall image; holes (4 per Box unit, N, 1, 1)
+                every = [piece for chunk in pieces for piece in chunk]
+                tile = np.concatenate([np.arange(d - c) for c, d in every]) if every else np.zeros(0, np.int64)
+                position = torch.from_numpy(tile).to(self.device)
+                rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
+                if self.layout.fills:
+                    rows["holes"] = holes
+                laid = {name: (_lay_out(v, every), v.shape[1]) for name, v in rows.items()}
+                inputs = [
+                    {
+                        name: _as_samples(flat[r * g[0][0] : r * g[-1][1]], [d - c for c, d in chunk], (r, -1, 1, 1))
+                        for name, (flat, r) in laid.items()
+                    }
+                    for g, chunk in zip(groups, pieces, strict=True)
+                ]
+        return [
+            _Chunk(
+                start=group[0][0],
+                index=order[group[0][0] : group[-1][1]],
+                spans=group,
+                samples=[d - c for c, d in chunk_pieces],
+                inputs=chunk_inputs,
+            )
+            for group, chunk_pieces, chunk_inputs in zip(groups, pieces, inputs, strict=True)
+        ]
 
-    def _submit(self, index: torch.Tensor, labels: torch.Tensor, inputs: dict) -> torch.Tensor:
-        self._feed(index, inputs)
-        self.pipe.schedule_run()
-        return labels
-
-    def _feed(self, index: torch.Tensor, inputs: dict) -> None:
-        images = self.images[index]
+    def _submit(self, chunk: _Chunk) -> None:
+        """Feed DALI one chunk and schedule its iteration (asynchronous: DALI runs it on its own threads/stream)."""
+        images = self.images[chunk.index]  # the chunk's one gather on the device
         if self.graph == "batched":
-            per_sample = [
-                images[c : c + IMAGES_PER_SAMPLE].view(-1, self.width, 3)
-                for c in range(0, len(index), IMAGES_PER_SAMPLE)
-            ]
-            self._feed_input("images", per_sample, layout="HWC")
+            tall = _as_samples(images, chunk.samples, (-1, self.width, 3))
+            self._feed_input("images", tall, layout="HWC")
         else:
             self._feed_input("images", images, layout="HWC")
-        for name, tensor in inputs.items():
+        for name, tensor in chunk.inputs.items():
             self._feed_input(name, tensor)
+        self.pipe.schedule_run()
 
     def _feed_input(self, name: str, tensor: torch.Tensor | list[torch.Tensor], layout: str | None = None) -> None:
-        """A tensor is a batch (first axis = samples); a list holds one tensor per sample."""
-        if isinstance(tensor, list):
-            samples = [t.contiguous() for t in tensor]
-            if samples[0].is_cuda:
-                self.pipe.feed_input(name, samples, layout=layout, cuda_stream=torch.cuda.current_stream(self.device))
-            else:
-                self.pipe.feed_input(name, [t.numpy() for t in samples], layout=layout)
-            return
-        tensor = tensor.contiguous()
-        if tensor.is_cuda:
+        """A tensor is a batch (first axis = samples); a list holds one tensor per sample. DALI copies the data
+        (external_source's default), so the tensors may be freed as soon as this returns."""
+        samples = [t.contiguous() for t in tensor] if isinstance(tensor, list) else tensor.contiguous()
+        on_gpu = (samples[0] if isinstance(samples, list) else samples).is_cuda
+        if on_gpu:
             # DALI copies on torch's stream, so the copy is ordered after the kernels that produced the tensor.
-            self.pipe.feed_input(name, tensor, layout=layout, cuda_stream=torch.cuda.current_stream(self.device))
+            self.pipe.feed_input(name, samples, layout=layout, cuda_stream=torch.cuda.current_stream(self.device))
+        elif isinstance(samples, list):
+            self.pipe.feed_input(name, [t.numpy() for t in samples], layout=layout)
         else:
-            self.pipe.feed_input(name, tensor.numpy(), layout=layout)
+            self.pipe.feed_input(name, samples.numpy(), layout=layout)
 
     def _collect(self) -> torch.Tensor:
-        (out,) = self.pipe.outputs()
-        if self.graph == "batched":
-            tall = [out[i] for i in range(len(out))]
-            rows = [t.shape()[0] for t in tall]
-            x = torch.empty((sum(rows), self.width, 3), dtype=torch.float32, device=self.device)
-            if self.device.type == "cuda":
-                self._copy_on_torch_stream(out, tall, torch.split(x, rows))
-            else:
-                for t, part in zip(tall, torch.split(x, rows), strict=True):
-                    part.copy_(torch.from_numpy(np.asarray(t)))
-            x = x.view(-1, self.height, self.width, 3)
+        """The oldest scheduled chunk's output in fresh torch memory: float32 [N, 3, H, W] channels_last."""
+        if self.graph == "per_image":
+            (out,) = self.pipe.outputs()
+            x = torch.from_numpy(np.array(out.as_array()))  # a copy: DALI may reuse its buffer
+        elif self.device.type == "cuda":
+            x = self._copy_on_torch_stream()
         else:
-            x = torch.from_numpy(np.array(out.as_array()))
-        return x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last
+            (out,) = self.pipe.outputs()
+            x = torch.from_numpy(np.concatenate([np.asarray(out[i]) for i in range(len(out))]))  # a copy
+        return x.view(-1, self.height, self.width, 3).permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW
 
-    def _copy_on_torch_stream(self, out, samples: list, parts: tuple[torch.Tensor, ...]) -> None:
-        """Copy DALI's output into torch memory asynchronously, on torch's stream: the model's kernels queue behind
-        the copy and the host never waits for the GPU. DALI's buffer must outlive the copy, so it is kept (with an
-        event marking the copy's end) until LOOKAHEAD later batches have been collected."""
+    def _copy_on_torch_stream(self) -> torch.Tensor:
+        """Copy DALI's GPU output into fresh torch memory asynchronously, on torch's stream: the model's kernels
+        queue behind the copy and the host never waits for the GPU.
+
+        `outputs(cuda_stream=...)` binds DALI's output to torch's stream: DALI makes that stream wait for the
+        iteration's completion event instead of blocking the host (DALI's `Pipeline.outputs` docs; exec2's
+        PopOutputs). DALI's buffer must outlive the copy, and freeing it returns it to DALI's stream-ordered pool
+        on DALI's own stream, which knows nothing of torch's: so it is kept, with an event marking the copy's end,
+        until the next chunk is collected, and released only after that event."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         stream = torch.cuda.current_stream(self.device)
-        for t, part in zip(samples, parts, strict=True):
+        if self._held is not None:
+            _, copied = self._held
+            copied.synchronize()  # long done in practice: a whole chunk's training steps were queued after it
+            self._held = None
+        (out,) = self.pipe.outputs(cuda_stream=stream)
+        tall = [out[i] for i in range(len(out))]
+        rows = [t.shape()[0] for t in tall]
+        x = torch.empty((sum(rows), self.width, 3), dtype=torch.float32, device=self.device)
+        for t, part in zip(tall, torch.split(x, rows), strict=True):
             feed_ndarray(t, part, cuda_stream=stream)
         copied = torch.cuda.Event()
         copied.record(stream)
-        self._in_flight.append((out, copied))
-        while len(self._in_flight) > LOOKAHEAD:
-            _, event = self._in_flight.popleft()
-            event.synchronize()  # long done in practice: LOOKAHEAD training steps have been queued since
+        self._held = (out, copied)
+        return x
+
+
+def _samples_in(sizes: list[int]) -> int:
+    """DALI samples of the batched graph for batches of `sizes` images: each cut into IMAGES_PER_SAMPLE pieces."""
+    return sum(-(-size // IMAGES_PER_SAMPLE) for size in sizes)
+
+
+def _lay_out(rows: torch.Tensor, pieces: list[tuple[int, int]]) -> torch.Tensor:
+    """`rows` (N, R) of per-image values laid out flat as the batched graph takes them: for each [c, d) of `pieces`
+    (consecutive, from 0 to N), an (R, d - c) block, row r holding images c..d-1's r-th value; the block of image
+    c's piece starts at element R * c. One gather for the whole epoch."""
+    r = rows.shape[1]
+    where = [(np.arange(c, d)[None, :] * r + np.arange(r)[:, None]).ravel() for c, d in pieces]
+    return rows.reshape(-1)[torch.from_numpy(np.concatenate(where) if where else np.zeros(0, np.int64)).to(rows.device)]
+
+
+def _as_samples(flat: torch.Tensor, images: list[int], shape: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:
+    """Consecutive DALI samples of `images` images each, stored one after another in the contiguous `flat`, each
+    viewed as `shape` (one -1 in it: the axis that grows with the images). When all samples hold the same number of
+    images they are one (samples, *shape) tensor, which DALI's feed_input takes as a whole batch in one call (a list
+    costs it per sample: ~10 us each on this 2-core machine's CPU); otherwise a list of views, one per sample."""
+    flat = flat.reshape(-1)
+    per_image = flat.numel() // max(sum(images), 1)
+    if len(set(images)) == 1:
+        return flat.view(len(images), *shape)
+    return [part.view(shape) for part in flat.split([per_image * n for n in images])]
 
 
 def _say_cpu_mode_once() -> None:

@@ -73,10 +73,13 @@ LOADER_VARIANTS = ["cpu", "dali-per-image", "dali-batched-cpu", "dali-gpu"]
 
 
 ORDER_FIELDS = ("seed", "shuffle", "drop_last", "rank", "world_size")
+# DaliLoader keywords that make_loader does not take
+DALI_ONLY = {"chunk_images"}
 
 
 def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_size: int, **kw):
-    """A loader of one variant; `kw` takes make_loader's keywords and, for brevity, Order's fields."""
+    """A loader of one variant; `kw` takes make_loader's keywords, for brevity Order's fields, and for the DALI
+    variants DaliLoader's own (DALI_ONLY)."""
     from pipeline import Order, make_loader
 
     if variant.startswith("dali") and not dali_available():
@@ -86,13 +89,14 @@ def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_siz
     kw["order"] = Order(**{name: kw.pop(name) for name in ORDER_FIELDS if name in kw})
     if variant == "cpu":
         return make_loader("cpu", images, labels, batch_size, workers=kw.pop("workers", 0), **kw)
-    if variant == "dali-gpu":
+    if variant == "dali-gpu" and not kw.keys() & DALI_ONLY:
         return make_loader("dali", images, labels, batch_size, device="cuda", **kw)
     from pipeline.dali_loader import DaliLoader
     from pipeline.spec import AugSpec
 
-    args = dict(spec=AugSpec(), train=True, device="cpu", workers=2)
+    on_gpu = variant == "dali-gpu"
+    args = dict(spec=AugSpec(), train=True, device="cuda" if on_gpu else "cpu", workers=None if on_gpu else 2)
     args.update(kw)
     if variant == "dali-batched-cpu":
         return DaliLoader(images, labels, batch_size, graph="batched", remap=opencv_remap, **args)
-    return DaliLoader(images, labels, batch_size, graph="per_image", **args)
+    return DaliLoader(images, labels, batch_size, graph="per_image" if variant == "dali-per-image" else None, **args)
