@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench.core import bench_epoch, bench_loader, bench_model
-from pipeline.albu_loader import default_workers
+from pipeline import usable_cores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda" and "graph" in steps:
         print("error: --steps graph needs a CUDA GPU (a CUDA graph replays GPU work)", file=sys.stderr)
         return 2
-    cores = default_workers()
+    cores = usable_cores()
     workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +16,11 @@ from pipeline.spec import AugSpec
 LOADERS = ("cpu", "dali")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as taskset or a container sets it; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @runtime_checkable
 class Loader(Protocol):
     """What both loaders are, and all that train, bench and the gallery use of them.
@@ -26,6 +32,7 @@ class Loader(Protocol):
     """
 
     num_samples: int
+    workers: int  # in use: DataLoader worker processes (cpu; 0 = the main process) or DALI threads (dali)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 

@@ -7,7 +7,6 @@ DataLoader runs it in worker processes and hands back normalized float batches i
 from __future__ import annotations
 
 import functools
-import os
 import random
 import warnings
 from collections.abc import Iterator, Mapping
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline import usable_cores
 from pipeline.augs import Aug, unit_of_column, units_of
 from pipeline.order import Order, epoch_batches, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
@@ -97,10 +97,6 @@ def _already_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.T
     return batch
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class AlbumentationsLoader:
     """Yields (x, y): x float32 [B,3,H,W] channels_last, normalized by the spec; y int64 [B]; both on `device`.
 
@@ -125,7 +121,7 @@ class AlbumentationsLoader:
             spec.check_image_size(*images.shape[1:3])
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
+        self.workers = usable_cores() if workers is None else workers
         self.sampler = _EpochBatches(len(images), batch_size, order)
         self.num_samples = shard_size(len(images), order)
         dataset = _AugmentedImages(images, labels, build_transform(spec, *images.shape[1:3], train))

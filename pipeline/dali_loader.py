@@ -24,7 +24,6 @@ fixed cost per iteration (~2-3 ms of host time) is paid once per chunk (`python 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -281,8 +280,9 @@ class DaliLoader:
         self.labels = torch.from_numpy(labels).to(self.device)
         if not on_gpu and order.rank == 0:
             _say_cpu_mode_once()
+        self.workers = default_threads(on_gpu) if workers is None else max(workers, 1)
         options = dict(
-            num_threads=workers or min(4, os.cpu_count() or 1),
+            num_threads=self.workers,
             # DALI's own prefetch stays 1: its first schedule_run() would otherwise run that many iterations at
             # once, and with fed inputs it is simpler to schedule exactly one iteration per fed chunk (the dynamic
             # executor queues them; CHUNKS_AHEAD says how many).
@@ -514,6 +514,15 @@ def _as_samples(flat: torch.Tensor, images: list[int], shape: tuple[int, ...]) -
     if len(set(images)) == 1:
         return flat.view(len(images), *shape)
     return [part.view(shape) for part in flat.split([per_image * n for n in images])]
+
+
+def default_threads(on_gpu: bool) -> int:
+    """DALI's CPU threads when --workers is not given. The GPU graph's host side only feeds and schedules one chunk
+    at a time: 4 threads are plenty (and leave the cores to the training loop). DALI's CPU mode does all its work on
+    them: every core this process may use, as the albumentations loader's default does."""
+    from pipeline import usable_cores
+
+    return min(4, usable_cores()) if on_gpu else usable_cores()
 
 
 def _say_cpu_mode_once() -> None:

@@ -55,7 +55,19 @@ def test_every_loader_is_a_loader(variant, data):
     assert isinstance(loader.num_samples, int) and loader.num_samples == len(range(1, N, 2))
     assert list(inspect.signature(loader.set_epoch).parameters) == ["epoch"]
     assert isinstance(len(loader), int)
+    assert isinstance(loader.workers, int) and loader.workers >= (0 if variant == "cpu" else 1)
     assert not isinstance(object(), Loader)  # (the check is not vacuous)
+
+
+@pytest.mark.parametrize("variant", ["cpu", "dali-per-image"])
+def test_workers_in_use_are_what_was_asked_or_the_documented_default(variant, data):
+    from pipeline import usable_cores
+
+    images, labels = data
+    assert build_loader(variant, images, labels, 64, workers=None).workers == usable_cores()  # CPU work: every core
+    assert build_loader(variant, images, labels, 64, workers=1).workers == 1
+    # --workers 0 means the main process for the DataLoader; DALI needs at least one thread
+    assert build_loader(variant, images, labels, 64, workers=0).workers == (0 if variant == "cpu" else 1)
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)

@@ -29,6 +29,7 @@ def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
     # --amp not given: resolved per device before anything records it (bf16 autocast needs CUDA)
     assert m["resolved"]["amp"] is False and m["config"]["amp"] is False
     assert m["resolved"]["cuda_graph"] is False and m["resolved"]["device"] == "cpu"
+    assert m["config"]["workers"] == 0 and m["resolved"]["workers"] == 0  # --workers 0: the main process
     assert re.fullmatch(r"[0-9a-f]{64}", m["env"]["code"]["source_sha256"])
     assert m["env"]["code"]["package"] == "0.1.0"
     assert m["eval_seconds"] > 0 and m["epochs"][0]["eval_seconds"] > 0

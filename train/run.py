@@ -113,7 +113,7 @@ def _run(cfg: TrainConfig, dist: Dist, device: torch.device, folder: RunFolder) 
     log(dist, describe_run(cfg, state, step, data, dist))
     sizes = batch_sizes(len(data.train_x), cfg.batch_size // dist.world_size, rank_order(cfg, dist))
     warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history), sizes)
-    run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds)
+    run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds, train_loader)
     writer = tensorboard_writer(cfg, folder.path) if dist.is_main else None
     metrics, probabilities = {}, None
     # epochs
@@ -640,11 +640,13 @@ def final_probabilities(
     return gather_in_order(evaluated["probabilities"], len(data.eval_x), dist)
 
 
-def describe_for_metrics(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist, warmup_seconds: float) -> dict:
+def describe_for_metrics(
+    cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist, warmup_seconds: float, train_loader: Loader
+) -> dict:
     """The metrics.json fields fixed for the whole run: env, resolved settings, warm-up and compile seconds."""
     return {
         "env": environment(step.device, dist),
-        "resolved": resolved_settings(cfg, step, data, dist),
+        "resolved": {**resolved_settings(cfg, step, data, dist), "workers": train_loader.workers},
         "warmup_seconds": warmup_seconds,
         "compile_seconds": warmup_seconds if cfg.compile else 0.0,
     }
@@ -652,7 +654,8 @@ def describe_for_metrics(cfg: TrainConfig, step: TrainStep, data: Data, dist: Di
 
 def resolved_settings(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist) -> dict[str, object]:
     """What actually ran where the config leaves it open: the data folder, the device, whether bf16 autocast and the
-    CUDA graph were really on (both need CUDA), the torchrun world."""
+    CUDA graph were really on (both need CUDA), the torchrun world (and, added by the caller, the loader's workers
+    or DALI threads)."""
     return {
         "data_dir": str(data.root),
         "device": str(step.device),
