@@ -100,3 +100,12 @@ def build_loader(variant: str, images: np.ndarray, labels: np.ndarray, batch_siz
     if variant == "dali-batched-cpu":
         return DaliLoader(images, labels, batch_size, graph="batched", remap=opencv_remap, **args)
     return DaliLoader(images, labels, batch_size, graph="per_image" if variant == "dali-per-image" else None, **args)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every case that runs on a CUDA GPU carries the `gpu` marker, so `pytest -m gpu` selects all of them (what
+    bench/gpu_session.sh runs on a lent GPU): the tests marked by hand and every "dali-gpu" loader variant."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "dali-gpu" in callspec.params.values():
+            item.add_marker(pytest.mark.gpu)
