@@ -29,6 +29,46 @@ def a_file(tmp_path):
     return path
 
 
+BENCH = [
+    ["--batch-sizes", "0"],
+    ["--batch-sizes", "-64"],
+    ["--batch-sizes", "64", "0"],
+    ["--batch-sizes", "1.5"],
+    ["--images", "0"],
+    ["--repeats", "0"],
+    ["--max-loader-batches", "0"],
+    ["--model-steps", "-1"],
+    ["--workers", "-1"],
+    ["--model", "no-such-net"],
+    ["--loaders", "no-such-loader"],
+    ["--what", "everything"],
+    ["--device", "tpu"],
+    ["--steps", "warp"],
+]
+
+
+@pytest.mark.parametrize("argv", BENCH, ids=" ".join)
+def test_bench_refuses_impossible_flags(argv, capsys):
+    from bench.__main__ import main
+
+    message = refused(main, [*argv, "--device", "cpu"] if "--device" not in argv else argv, capsys)
+    assert argv[0] in message
+
+
+def test_bench_refuses_an_out_that_is_a_file(a_file, capsys):
+    from bench.__main__ import main
+
+    assert "is a file" in refused(main, ["--quick", "--out", str(a_file / "sub")], capsys)
+    assert "is a file" in refused(main, ["--quick", "--out", str(a_file)], capsys)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
+def test_bench_refuses_cuda_without_a_gpu(capsys):
+    from bench.__main__ import main
+
+    assert "no CUDA GPU" in refused(main, ["--quick", "--device", "cuda"], capsys)
+
+
 HOST_OPS = [["--batch-size", "0"], ["--batch-size", "-8"], ["--images", "0"], ["--loader", "kornia"]]
 
 
