@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["loader", "model", "epoch"],
         choices=["loader", "model", "epoch"],
-        help="which measurements",
+        help="which measurements (default: all three)",
     )
     p.add_argument(
         "--model", default="seed", choices=models.model_names(), help="network for the model and epoch measurements"
