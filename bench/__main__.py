@@ -28,7 +28,7 @@ from pipeline.cli import DefaultsHelpFormatter, OneLineParser, nonnegative_int, 
 # bench/results/ (that holds only the committed reports, which bench/gpu_session.sh writes with --out).
 DEFAULT_OUT = Path("bench-results")
 # --quick: every kind of row (model step, each loader alone, an epoch with each loader) on a few batches, so that
-# it is a smoke test of the whole benchmark in well under 30 s on 2 CPU cores, not a measurement.
+# it is a smoke test of the whole benchmark (well under 30 s on an otherwise idle 2-core machine), not a measurement.
 QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "max_loader_batches": 4, "model_steps": 2, "warmup": 1}
 
 
