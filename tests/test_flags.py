@@ -69,7 +69,7 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert "no CUDA GPU" in refused(main, ["--quick", "--device", "cuda"], capsys)
 
 
-HOST_OPS = [["--batch-size", "0"], ["--batch-size", "-8"], ["--images", "0"], ["--loader", "kornia"]]
+HOST_OPS = [["--batch-size", "0"], ["--batch-size", "x"], ["--images", "0.5"], ["--loader", "kornia"]]
 
 
 @pytest.mark.parametrize("argv", HOST_OPS, ids=" ".join)
