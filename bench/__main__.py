@@ -1,6 +1,7 @@
 """`python -m bench`: how fast each loader feeds the model, against the model's own ceiling, on this machine.
 
-Writes bench/results/<device>-<yyyymmdd>.json and a PNG chart beside it, and prints a table. See --help.
+Writes ./bench-results/<device>-<yyyymmdd>.json (--out to choose) and a PNG chart beside it, and prints a table.
+The committed reports in bench/results/ are written there by bench/gpu_session.sh with --out. See --help.
 """
 
 from __future__ import annotations
@@ -17,24 +18,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.core import bench_epoch, bench_loader, bench_model
+import model as models
+from bench.core import LOADERS, WARMUP_BATCHES, bench_epoch, bench_loader, bench_model
+from bench.peers import PEERS, peer_available
 from pipeline import usable_cores
+from pipeline.cli import DefaultsHelpFormatter, OneLineParser, nonnegative_int, output_dir, positive_int
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where reports go unless --out says otherwise: a folder in the current directory, not the package's own
+# bench/results/ (that holds only the committed reports, which bench/gpu_session.sh writes with --out).
+DEFAULT_OUT = Path("bench-results")
+# --quick: every kind of row (model step, each loader alone, an epoch with each loader) on a few batches, so that
+# it is a smoke test of the whole benchmark (well under 30 s on an otherwise idle 2-core machine), not a measurement.
+QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "max_loader_batches": 4, "model_steps": 2, "warmup": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m bench",
         description="Measure (a) each loader alone, (b) the model's training step alone, (c) a full training epoch "
-        "with each loader, for several batch sizes. Loaders: cpu = albumentations + DataLoader with "
-        "several worker counts; dali-gpu = the batched DALI graph on CUDA; dali-cpu = DALI's CPU "
-        "operators. Timed regions follow a warm-up and are closed by torch.cuda.synchronize().",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "with each loader, for several batch sizes. Loaders: cpu = albumentations + DataLoader with several worker "
+        "counts; dali-gpu = the batched DALI graph on CUDA; dali-cpu = DALI's CPU operators; kornia = "
+        "kornia.augmentation on tensors resident on the device (needs the [bench] extra); torch = the project's "
+        "epoch parameters applied in plain torch (affine_grid + grid_sample), the airbench way. Timed regions "
+        "follow a warm-up and are closed by torch.cuda.synchronize().",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--batch-sizes",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="batch sizes to measure (default 128 512 2048; --quick: 64 128)",
@@ -43,24 +54,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--loaders",
         nargs="+",
         default=None,
-        choices=["cpu", "dali-gpu", "dali-cpu"],
+        choices=LOADERS,
         help="loaders to measure (default: all that this machine can run)",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=nonnegative_int,
         nargs="+",
         default=None,
-        help="CPU loader worker counts (default: all cores, half, a quarter)",
+        help="CPU loader worker counts, 0 = in the main process (default: all cores, half, a quarter)",
     )
     p.add_argument(
         "--what",
         nargs="+",
         default=["loader", "model", "epoch"],
         choices=["loader", "model", "epoch"],
-        help="which measurements",
+        help="which measurements (default: all three)",
     )
-    p.add_argument("--model", default="seed", help="network for the model and epoch measurements")
+    p.add_argument(
+        "--model", default="seed", choices=models.model_names(), help="network for the model and epoch measurements"
+    )
     p.add_argument("--compile", action="store_true", help="also measure the model step under torch.compile")
     p.add_argument(
         "--steps",
@@ -70,21 +83,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="training steps for the model and epoch rows: eager, and/or graph = replayed as one CUDA graph "
         "(train/step.py; CUDA only). Default: both on CUDA, eager on the CPU",
     )
-    p.add_argument("--images", type=int, default=50_000, help="images per epoch (synthetic uint8 data)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement")
-    p.add_argument("--max-loader-batches", type=int, default=100, help="batches per timed loader repeat")
-    p.add_argument("--model-steps", type=int, default=50, help="steps per timed model repeat")
+    p.add_argument("--images", type=positive_int, default=50_000, help="images per epoch (synthetic uint8 data)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each measurement")
+    p.add_argument("--max-loader-batches", type=positive_int, default=100, help="batches per timed loader repeat")
+    p.add_argument("--model-steps", type=positive_int, default=50, help="steps per timed model repeat")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the model runs")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
+    p.add_argument(
+        "--out",
+        type=output_dir,
+        default=DEFAULT_OUT,
+        help=f"folder for the JSON and PNG (default: ./{DEFAULT_OUT}, in the current directory)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="seconds-long smoke run: batch sizes 64 128, 2048 images, 1 repeat, few steps",
+        help="smoke run, seconds long, not a measurement: every kind of row on a few batches (batch sizes "
+        f"{' '.join(map(str, QUICK['batch_sizes']))} unless given; --images {QUICK['images']}, --repeats "
+        f"{QUICK['repeats']}, --max-loader-batches {QUICK['max_loader_batches']}, --model-steps "
+        f"{QUICK['model_steps']}, {QUICK['warmup']} warm-up batch, whatever those flags say)",
     )
     args = p.parse_args(argv)
+    args.warmup = WARMUP_BATCHES
     if args.quick:
-        args.batch_sizes = args.batch_sizes or [64, 128]
-        args.images, args.repeats, args.max_loader_batches, args.model_steps = 2048, 1, 8, 5
+        quick = {**QUICK, "batch_sizes": args.batch_sizes or QUICK["batch_sizes"]}
+        for key, value in quick.items():
+            setattr(args, key, value)
     args.batch_sizes = args.batch_sizes or [128, 512, 2048]
     return args
 
@@ -94,15 +117,40 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def default_loaders(device: torch.device, dali: bool) -> list[str]:
+    """Every loader this machine can run, in LOADERS order: DALI's when it is installed (`dali`; dali-gpu only on
+    CUDA), kornia when it is installed, cpu and torch always."""
+    usable = {
+        "cpu": True,
+        "dali-gpu": dali and device.type == "cuda",
+        "dali-cpu": dali,
+        **{peer: peer_available(peer) for peer in PEERS},
+    }
+    return [name for name in LOADERS if usable[name]]
+
+
+def refusal(loaders: list[str], device: torch.device, dali: bool) -> str | None:
+    """Why the asked-for loaders cannot run here (one line), or None."""
+    if "dali-gpu" in loaders and device.type != "cuda":
+        return "dali-gpu needs a CUDA GPU; leave it out of --loaders, or run where a GPU is visible"
+    if not dali and any(name.startswith("dali") for name in loaders):
+        return "DALI is not installed (import nvidia.dali failed); install nvidia-dali-cuda130 or leave dali-* out"
+    if "kornia" in loaders and not peer_available("kornia"):
+        return "--loaders kornia needs kornia: pip install -e '.[bench]' (or leave kornia out of --loaders)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA GPU is visible", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    loaders = args.loaders or (["cpu", "dali-gpu", "dali-cpu"] if device.type == "cuda" else ["cpu", "dali-cpu"])
-    if device.type != "cuda" and "dali-gpu" in loaders:
-        print("error: dali-gpu needs a CUDA GPU", file=sys.stderr)
+    dali_version = _dali_version()
+    loaders = args.loaders or default_loaders(device, dali_version is not None)
+    problem = refusal(loaders, device, dali_version is not None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     steps = args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and "graph" in steps:
@@ -115,13 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = rng.integers(0, 10, args.images).astype(np.int64)
 
     results: list[dict] = []
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "dali": _dali_version(),
+        "dali": dali_version,
         "cpu_count": os.cpu_count(),
         "model": args.model,
         "images": args.images,
@@ -135,38 +183,35 @@ def main(argv: list[str] | None = None) -> int:
         row = result.row()
         results.append(row)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
+        name = row["loader"] + (" compiled" if row["compiled"] else "")
         print(
-            f"{row['what']:6s} {row['loader'] or 'model':11s} bs {row['batch_size']:5d} "
+            f"{row['what']:6s} {name:11s} bs {row['batch_size']:5d} "
             f"workers {row['workers'] if row['workers'] is not None else '-':>3} step {row['step'] or '-':5s} "
             f"{row['img_per_s']:12,.0f} img/s  [{row['img_per_s_min']:,.0f} .. {row['img_per_s_max']:,.0f}]"
             + (f"  epoch {row['epoch_s']:.2f}s" if row["epoch_s"] else ""),
             flush=True,
         )
 
+    def threads(name: str) -> int | None:  # DALI's threads, the CPU loader's workers in an epoch; peers have none
+        return None if name in PEERS else cores
+
+    timing = dict(repeats=args.repeats, warmup=args.warmup)
     for bs in args.batch_sizes:
         if "model" in args.what:
             for kind in steps:
-                record(bench_model(args.model, bs, device, args.repeats, args.model_steps, graphed=kind == "graph"))
+                record(bench_model(args.model, bs, device, steps=args.model_steps, graphed=kind == "graph", **timing))
             if args.compile:
-                compiled = bench_model(args.model, bs, device, args.repeats, args.model_steps, compile_model=True)
-                compiled.loader = "model-compiled"
-                record(compiled)
+                record(bench_model(args.model, bs, device, steps=args.model_steps, compile_model=True, **timing))
         if "loader" in args.what:
             for name in loaders:
-                for w in workers if name == "cpu" else [cores]:
+                for w in workers if name == "cpu" else [threads(name)]:
                     record(bench_loader(name, images, labels, bs, w, device, args.repeats, args.max_loader_batches))
         if "epoch" in args.what:
             for kind in steps:
-                record(
-                    bench_epoch(
-                        None, args.model, images, labels, bs, None, device, args.repeats, graphed=kind == "graph"
-                    )
-                )
-                for name in loaders:
+                for name in [None, *loaders]:
+                    w = None if name is None else threads(name)
                     record(
-                        bench_epoch(
-                            name, args.model, images, labels, bs, cores, device, args.repeats, graphed=kind == "graph"
-                        )
+                        bench_epoch(name, args.model, images, labels, bs, w, device, graphed=kind == "graph", **timing)
                     )
 
     from bench.plot import plot_report

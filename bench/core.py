@@ -15,22 +15,31 @@ import numpy as np
 import torch
 
 import model as models
+from bench.peers import PEERS, PeerLoader
 from pipeline import make_loader
 from train.config import TrainConfig
 from train.loop import sync, train_one_epoch
 from train.optim import make_optimizer, make_scheduler
 from train.step import TrainStep
 
+# What each row's "loader" field can say: the loaders measured, and "model-only" for the model step alone and the
+# model-only epoch (one tensor already on the device, no loader).
+LOADERS = ("cpu", "dali-gpu", "dali-cpu", *PEERS)
+MODEL_ONLY = "model-only"
+# Untimed batches before a model or epoch measurement: the first steps allocate memory, pick kernels, start workers.
+WARMUP_BATCHES = 5
+
 
 @dataclass
 class Result:
     what: str  # "loader" | "model" | "epoch"
-    loader: str | None  # "cpu" | "dali-gpu" | "dali-cpu" | None for the model alone
+    loader: str  # one of LOADERS, or MODEL_ONLY
     batch_size: int
-    workers: int | None
+    workers: int | None  # CPU loader: worker processes; DALI: threads; None where there are none
     images: int  # images per timed repeat
     seconds: list[float] = field(default_factory=list)
     step: str | None = None  # "eager" | "graph" (train/step.py) for model and epoch rows; None for loaders alone
+    compiled: bool = False  # the model ran under torch.compile
 
     def row(self) -> dict:
         median = statistics.median(self.seconds)
@@ -48,6 +57,7 @@ class Result:
             "seconds": self.seconds,
             "repeats": len(self.seconds),
             "step": self.step,
+            "compiled": self.compiled,
         }
 
 
@@ -66,14 +76,16 @@ def loader_for(
     batch_size: int,
     workers: int | None,
     device: torch.device,
-    train: bool = True,
 ):
-    """name: cpu (albumentations), dali-gpu (batched graph on CUDA), dali-cpu (DALI's CPU operators)."""
+    """name: cpu (albumentations), dali-gpu (batched graph on CUDA), dali-cpu (DALI's CPU operators), kornia or
+    torch (the benchmark peers of bench.peers, on `device`; they take no workers)."""
+    if name in PEERS:
+        return PeerLoader(name, images, labels, batch_size, device=device)
     if name == "cpu":
-        return make_loader("cpu", images, labels, batch_size, device=device, workers=workers, train=train)
+        return make_loader("cpu", images, labels, batch_size, device=device, workers=workers)
     if name == "dali-gpu":
-        return make_loader("dali", images, labels, batch_size, device=device, workers=workers, train=train)
-    cpu_mode = make_loader("dali", images, labels, batch_size, device="cpu", workers=workers, train=train)
+        return make_loader("dali", images, labels, batch_size, device=device, workers=workers)
+    cpu_mode = make_loader("dali", images, labels, batch_size, device="cpu", workers=workers)
     return cpu_mode if device.type == "cpu" else _ToDevice(cpu_mode, device)
 
 
@@ -134,10 +146,10 @@ def bench_model(
     steps: int,
     compile_model: bool = False,
     graphed: bool = False,
+    warmup: int = WARMUP_BATCHES,
 ) -> Result:
-    """Training steps per second on one batch already on the device: the ceiling any loader can reach. `graphed`
-    replays the step as a CUDA graph (captured before the timing)."""
-    warmup = 5
+    """Training steps per second on one batch already on the device: the ceiling any loader can reach, after
+    `warmup` untimed steps. `graphed` replays the step as a CUDA graph (captured before the timing)."""
     step = training_step(
         model_name, device, total_steps=warmup + repeats * steps, graphed=graphed, compile_model=compile_model
     )
@@ -153,7 +165,8 @@ def bench_model(
     step.net.train()
     step.begin_epoch()
     run(warmup)
-    result = Result("model", None, batch_size, None, steps * batch_size, step="graph" if graphed else "eager")
+    kind = "graph" if graphed else "eager"
+    result = Result("model", MODEL_ONLY, batch_size, None, steps * batch_size, step=kind, compiled=compile_model)
     for _ in range(repeats):
         result.seconds.append(timed(device, lambda: run(steps)))
     return result
@@ -170,11 +183,11 @@ def bench_epoch(
     repeats: int,
     compile_model: bool = False,
     graphed: bool = False,
+    warmup: int = WARMUP_BATCHES,
 ) -> Result:
-    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`; name None feeds the model
-    the same number of batches from one tensor already on the device (the model-only epoch). `graphed` replays the
-    step as a CUDA graph, as `python -m train --cuda-graph on` does."""
-    warmup = 5
+    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`, after `warmup` untimed
+    batches; name None feeds the model the same number of batches from one tensor already on the device (the
+    model-only epoch). `graphed` replays the step as a CUDA graph, as `python -m train --cuda-graph on` does."""
     if name is None:
         x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch_size,), device=device)
@@ -187,9 +200,8 @@ def bench_epoch(
     if graphed:
         step.capture(*next(iter(feed)))
     train_one_epoch(step, _Take(feed, warmup), epoch=0)  # warm-up
-    result = Result(
-        "epoch", name or "model-only", batch_size, workers, len(images), step="graph" if graphed else "eager"
-    )
+    kind = "graph" if graphed else "eager"
+    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step=kind, compiled=compile_model)
     for _ in range(repeats):
         result.seconds.append(train_one_epoch(step, feed, epoch=0)["seconds"])
     return result

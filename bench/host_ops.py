@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import make_loader
+from pipeline import LOADERS, make_loader
+from pipeline.cli import OneLineParser, positive_int
 
 # Operations that only make views, metadata or uninitialized memory: no kernel behind them (unless they call one,
 # e.g. aten::to -> aten::copy_ across devices, aten::reshape -> aten::clone of a non-contiguous tensor).
@@ -179,19 +180,19 @@ def _line(what: str, ops: Counter, dali: Counter, seconds: float, per: int) -> N
 def main(argv: list[str] | None = None) -> int:
     from pipeline.dali_loader import CHUNK_IMAGES
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m bench.host_ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--loader", choices=["dali", "cpu"], default="dali")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--loader", choices=LOADERS, default="dali", help="loader to count (default: dali)")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="images per batch (default: 512)")
     p.add_argument(
-        "--images", type=int, default=3 * CHUNK_IMAGES, help="synthetic images per epoch (default: 3 chunks)"
+        "--images", type=positive_int, default=3 * CHUNK_IMAGES, help="synthetic images per epoch (default: 3 chunks)"
     )
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.images < args.batch_size:
+    if args.images < args.batch_size:
         print(
-            f"error: --batch-size {args.batch_size} with --images {args.images}: need a batch size >= 1 and at least "
-            "one batch of images; raise --images or lower --batch-size",
+            f"error: --batch-size {args.batch_size} with --images {args.images}: need at least one batch of images; "
+            "raise --images or lower --batch-size",
             file=sys.stderr,
         )
         return 2

@@ -23,6 +23,7 @@ import torch
 
 from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
+from pipeline.cli import OneLineParser, output_file, positive_int
 from pipeline.data import CLASSES
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
@@ -74,19 +75,21 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)")
     p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
-    p.add_argument("--out", type=Path, default=Path("augmentations.png"), help="PNG to write")
-    p.add_argument("--images", type=int, default=8, help="how many training images (rows)")
-    p.add_argument("--draws", type=int, default=3, help="augmented draws per loader")
+    p.add_argument("--out", type=output_file, default=Path("augmentations.png"), help="PNG to write")
+    p.add_argument("--images", type=positive_int, default=8, help="how many training images (rows)")
+    p.add_argument("--draws", type=positive_int, default=3, help="augmented draws per loader")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws, an integer in [0, 2**63 - 1]")
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE", help="override an AugSpec field")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where DALI runs")
     args = p.parse_args(argv)
     try:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu (DALI's CPU operators)")
         spec = AugSpec.from_overrides(args.aug)
         check_seed(args.seed)
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import build_loader, smooth_images
 
+from bench.core import LOADERS, MODEL_ONLY
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,15 +46,13 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     report = json.loads(report_path.read_text())
     assert {"device", "torch", "dali", "cpu_count", "results"} <= set(report)
     kinds = {(r["what"], r["loader"]) for r in report["results"]}
-    assert {
-        ("model", None),
-        ("loader", "cpu"),
-        ("loader", "dali-cpu"),
-        ("epoch", "model-only"),
-        ("epoch", "cpu"),
-        ("epoch", "dali-cpu"),
-    } <= kinds
+    # every kind of row: the model step, each loader alone, an epoch with each loader (kornia: the test extra has it)
+    loaders = ["cpu", "dali-cpu", "kornia", "torch"]
+    assert kinds == {("model", "model-only"), ("epoch", "model-only")} | {
+        (what, name) for what in ("loader", "epoch") for name in loaders
+    }
     for row in report["results"]:
+        assert row["loader"] in LOADERS + (MODEL_ONLY,)
         assert {"what", "loader", "batch_size", "workers", "img_per_s", "epoch_s", "repeats"} <= set(row)
         assert row["img_per_s"] > 0 and row["batch_size"] == 32
         assert (row["epoch_s"] is not None) == (row["what"] == "epoch")
@@ -72,6 +72,102 @@ def test_bench_refuses_dali_gpu_without_a_gpu(tmp_path):
         cwd=ROOT,
     )
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+
+
+def test_bench_writes_into_a_folder_of_the_current_directory_by_default(tmp_path, monkeypatch, capsys):
+    from bench.__main__ import DEFAULT_OUT, main, parse_args
+
+    committed = sorted((ROOT / "bench" / "results").rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--what", "model", "--batch-sizes", "8", "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "bench-results").glob("*-quick.json"))) == 1
+    assert sorted((ROOT / "bench" / "results").rglob("*")) == committed  # the package's folder is left alone
+    assert parse_args([]).out == DEFAULT_OUT and not DEFAULT_OUT.is_absolute()
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "./bench-results, in the current directory" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_refuses_kornia_when_it_is_not_installed(monkeypatch, capsys):
+    from bench.__main__ import default_loaders, main
+
+    assert "kornia" in default_loaders(torch.device("cpu"), dali=True)
+    monkeypatch.setitem(sys.modules, "kornia", None)  # as if not installed
+    assert main(["--quick", "--loaders", "kornia", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "pip install -e '.[bench]'" in err
+    assert default_loaders(torch.device("cpu"), dali=True) == ["cpu", "dali-cpu", "torch"]
+
+
+def test_bench_default_loaders_are_what_this_machine_can_run(capsys):
+    from bench.__main__ import default_loaders, main
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_loaders(cpu, dali=True) == ["cpu", "dali-cpu", "kornia", "torch"]
+    assert default_loaders(cuda, dali=True) == ["cpu", "dali-gpu", "dali-cpu", "kornia", "torch"]
+    assert default_loaders(cuda, dali=False) == ["cpu", "kornia", "torch"]
+    if torch.cuda.is_available():
+        return
+    assert main(["--quick", "--loaders", "dali-gpu", "--device", "cpu"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def _row(what: str, loader: str, bs: int, img_per_s: float, workers: int | None = None, step: str = "eager") -> dict:
+    return {
+        "what": what,
+        "loader": loader,
+        "batch_size": bs,
+        "workers": workers,
+        "img_per_s": img_per_s,
+        "step": None if what == "loader" else step,
+    }
+
+
+def test_chart_ceilings_legend_and_labels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from bench.plot import plot_report
+
+    sizes, model_step, epoch = [128, 512], {128: 9_000.0, 512: 20_000.0}, {128: 3_000.0, 512: 4_000.0}
+    graph = {"model": 2.0, "epoch": 1.5}  # the CUDA-graph step's rows: this much faster
+    rows = []
+    for bs in sizes:
+        for step in ("eager", "graph"):
+            speedup = graph["model"] if step == "graph" else 1
+            rows.append(_row("model", MODEL_ONLY, bs, model_step[bs] * speedup, step=step))
+            rows.append(
+                _row("epoch", MODEL_ONLY, bs, epoch[bs] * (graph["epoch"] if step == "graph" else 1), step=step)
+            )
+        for what in ("loader", "epoch"):
+            top = 40_000.0 if what == "loader" else epoch[bs]  # bars up to the top: a legend inside would cover one
+            rows += [_row(what, "cpu", bs, 0.8 * top, workers=w) for w in (1, 2)]
+            rows += [_row(what, name, bs, top) for name in ("dali-cpu", "kornia", "torch")]
+    rows.append(_row("epoch", "kornia", 128, 5_000.0, step="graph"))
+    report = {"results": rows, "device": "cpu", "model": "seed", "torch": "2", "dali": "2", "date": "today"}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    plot_report(report, tmp_path / "chart.png")
+    monkeypatch.undo()
+    (figure,) = figures
+    figure.canvas.draw()
+    loader_ax, epoch_ax = figure.axes
+    for ax, ceiling, name, what in (
+        (loader_ax, model_step, "model step alone", "model"),
+        (epoch_ax, epoch, "model-only epoch", "epoch"),
+    ):
+        lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+        assert lines == {
+            f"{name} (ceiling)": [ceiling[bs] for bs in sizes],
+            f"{name}, CUDA graph (ceiling)": [ceiling[bs] * graph[what] for bs in sizes],
+        }, ax.get_title()
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert "albumentations, 1 worker" in labels and "albumentations, 2 workers" in labels
+        assert {"kornia (tensors on the device)", "plain torch (affine_grid + grid_sample)"} <= set(labels)
+        legend = ax.get_legend().get_window_extent()
+        for bar in ax.patches:
+            assert not legend.overlaps(bar.get_window_extent()), f"the legend covers a bar in {ax.get_title()}"
+    assert "kornia (tensors on the device), CUDA graph" in [t.get_text() for t in epoch_ax.get_legend().get_texts()]
+    plt.close(figure)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +208,7 @@ def test_benchmark_epoch_slice(benchmark, variant, images):
             1,
             torch.device("cpu"),
             repeats=1,
+            warmup=1,
         ),
         rounds=1,
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import model
 from pipeline import LOADERS, check_seed
+from pipeline.cli import OneLineParser
 from pipeline.data import IMAGE_SHAPE
 from pipeline.spec import AugSpec
 
@@ -105,16 +106,9 @@ class ConfigError(ValueError):
     """A flag value that cannot work; reported as one line with exit code 2."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m train",
         description="Train a small CIFAR-10 network, fed by the DALI GPU loader or the albumentations CPU loader.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -241,7 +235,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     wins over a default), so no flag can be ignored whatever its position or spelling. Raises ConfigError for values
     that cannot work; argparse errors exit with code 2 and one line.
     """
-    recipe_parser = _OneLineParser(add_help=False, allow_abbrev=False)
+    recipe_parser = OneLineParser(add_help=False, allow_abbrev=False)
     _add_recipe_flag(recipe_parser)
     recipe = recipe_parser.parse_known_args(argv)[0].recipe  # the last --recipe given, as in the full parse
     parser = build_parser()

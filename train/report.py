@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pipeline.cli import OneLineParser  # noqa: E402
 from pipeline.data import CLASSES  # noqa: E402
 from train.checkpoint import OutputError, atomic_write  # noqa: E402
 from train.outdir import PLOT_FILES  # noqa: E402
@@ -64,18 +65,15 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         ev = _eval_key(epochs)
         x = [e["epoch"] for e in epochs]
         name = run.name if len(runs) > 1 else ""
-        line = ax_loss.plot(x, [e["train_loss"] for e in epochs], "--", label=f"{name} train".strip())[0]
         evaluated = [e for e in epochs if f"{ev}_acc" in e]  # with --eval-every, not every epoch is evaluated
         x_eval = [e["epoch"] for e in evaluated]
-        ax_loss.plot(
-            x_eval, [e[f"{ev}_loss"] for e in evaluated], "-", color=line.get_color(), label=f"{name} {ev}".strip()
-        )
-        ax_acc.plot(
-            x, [100 * e["train_acc"] for e in epochs], "--", color=line.get_color(), label=f"{name} train".strip()
-        )
-        ax_acc.plot(
-            x_eval, [100 * e[f"{ev}_acc"] for e in evaluated], "-", color=line.get_color(), label=f"{name} {ev}".strip()
-        )
+        # Markers on every point: a short run (one epoch: one point per series) has no line segment to draw.
+        style = dict(marker="o", markersize=3)
+        line = ax_loss.plot(x, [e["train_loss"] for e in epochs], "--", label=f"{name} train".strip(), **style)[0]
+        style["color"] = line.get_color()
+        ax_loss.plot(x_eval, [e[f"{ev}_loss"] for e in evaluated], "-", label=f"{name} {ev}".strip(), **style)
+        ax_acc.plot(x, [100 * e["train_acc"] for e in epochs], "--", label=f"{name} train".strip(), **style)
+        ax_acc.plot(x_eval, [100 * e[f"{ev}_acc"] for e in evaluated], "-", label=f"{name} {ev}".strip(), **style)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
@@ -176,7 +174,7 @@ def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.json)")

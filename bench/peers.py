@@ -1,0 +1,220 @@
+"""Benchmark peers: the two GPU augmentation paths a user would compare DALI with. Not training loaders.
+
+Both keep the whole training set resident on the device (uint8 NHWC), are built from the same AugSpec as DALI and
+albumentations (no number restated here), and iterate like the project's loaders: each pass is one epoch of
+(x, y) batches, x float32 [B, 3, H, W] channels_last and normalized, y int64 [B], every image exactly once (the
+last batch partial unless drop_last); `len()`, `num_samples` and `set_epoch` as in pipeline.make_loader. They run
+wherever torch runs, so CI tests them on the CPU.
+
+* "torch": the project's own epoch parameters applied in plain torch, the airbench way. `pipeline.params.draw_params`
+  draws every image's parameters once per epoch on the device; `sampling_matrices` (the composed warp:
+  shift-scale-rotate and flip) becomes `F.affine_grid` + `F.grid_sample(padding_mode="border")` (border = OpenCV
+  BORDER_REPLICATE for bilinear sampling: a clamped coordinate reads the edge pixel), `grid_shifts` (pad-and-crop,
+  when on) a clamped whole-pixel gather, `hole_boxes` (cutout) a mask blend with the cutout fill, then normalize.
+  Same distributions and same pixels (up to float rounding; not rounded to uint8 between steps) as the reference.
+* "kornia": `kornia.augmentation` with per-image random parameters: RandomAffine (the spec's rotation, isotropic
+  scale, shift fraction and p; padding "border"), RandomHorizontalFlip, RandomCrop with replicate padding when
+  pad-and-crop is on, a one-hole RandomErasing whose hole follows the spec's size law and fill, Normalize. What
+  differs from the spec, because kornia does it its own way: the shift-scale-rotate shift is continuous
+  (albumentations 2.x and pipeline.params truncate it to whole pixels), and kornia draws from torch's global random
+  generator on the CPU (its default), so an epoch's augmentations are not a function of (seed, epoch) as the
+  project's loaders' are; the order is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.params import draw_params, grid_shifts, hole_boxes, sampling_matrices
+from pipeline.spec import AugSpec
+
+PEERS = ("kornia", "torch")
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer's optional package is not installed."""
+
+
+def peer_available(kind: str) -> bool:
+    """Whether peer `kind` can run here (kornia is an optional dependency; plain torch always can)."""
+    return kind != "kornia" or importlib.util.find_spec("kornia") is not None
+
+
+def grid_matrices(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 2, 3) destination->source matrices in OpenCV pixel-centre coordinates (pixel i's centre at i, as
+    `sampling_matrices` returns them) -> the same maps in `F.affine_grid`'s normalized coordinates for
+    align_corners=False, where -1 and 1 are the outer edges of the corner pixels (F.grid_sample docs), so pixel
+    i's centre is at (2i + 1) / size - 1.
+
+    theta = P @ A @ P^-1 with P(i) = (2 / size) i + (1 / size - 1) per axis, P^-1(u) = (size / 2) u + (size - 1) / 2;
+    source and destination share the size. float32 in and out (computed in float64)."""
+    options = dict(dtype=torch.float64, device=matrices.device)
+    to_norm = torch.tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]], **options)
+    from_norm = torch.tensor([[width / 2, 0, (width - 1) / 2], [0, height / 2, (height - 1) / 2], [0, 0, 1]], **options)
+    full = torch.cat([matrices.double(), to_norm[2:].expand(len(matrices), 1, 3)], 1)  # (N, 3, 3)
+    return (to_norm @ full @ from_norm)[:, :2].float()
+
+
+def torch_augment(
+    pixels: torch.Tensor,
+    theta: torch.Tensor,
+    shifts: torch.Tensor,
+    boxes: torch.Tensor,
+    spec: AugSpec,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """The spec's augmentations and normalize on one batch, in plain torch, in the units' order: the composed warp
+    (shift-scale-rotate, flip), then the whole-pixel shift (pad-and-crop), then the holes (cutout).
+
+    pixels: uint8 [B, H, W, 3]; theta: float32 [B, 2, 3] from `grid_matrices`; shifts: float32 [B, 2k] (x, y)
+    offsets from `grid_shifts`, k <= 1 (k = 0: none); boxes: float32 [B, 4k] [y0, x0, y1, x1) from `hole_boxes`
+    (empty where not applied); scale, bias: float32 [1, 3, 1, 1] with x * scale + bias = (x / 255 - mean) / std.
+    Returns float32 [B, 3, H, W] channels_last."""
+    x = pixels.permute(0, 3, 1, 2).float()
+    n, _, height, width = x.shape
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ys, xs = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+    if shifts.shape[1]:
+        # output (x, y) = warped(x + dx, y + dy), the index clamped to the image: replicate padding, then the crop
+        rows = (ys + shifts[:, 1:2].long()).clamp(0, height - 1)  # (B, H)
+        cols = (xs + shifts[:, 0:1].long()).clamp(0, width - 1)  # (B, W)
+        x = x.gather(2, rows.view(n, 1, height, 1).expand(n, 3, height, width))
+        x = x.gather(3, cols.view(n, 1, 1, width).expand(n, 3, height, width))
+    ys, xs = ys.view(1, 1, height, 1), xs.view(1, 1, 1, width)
+    y0, x0, y1, x1 = boxes.view(n, boxes.shape[1] // 4, 4, 1, 1).unbind(2)  # each (B, k, 1, 1)
+    hole = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).any(1, keepdim=True)  # (B, 1, H, W)
+    # The fill is the uint8 level the reference loaders write (they cut out before Normalize).
+    x = torch.where(hole, float(spec.cutout_fill_uint8), x)
+    return torch.addcmul(bias, x, scale).contiguous(memory_format=torch.channels_last)
+
+
+def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
+    """The spec as kornia.augmentation modules, for float [B, 3, height, width] images in [0, 1]. Raises
+    PeerUnavailable without kornia."""
+    if not peer_available("kornia"):
+        raise PeerUnavailable("kornia is not installed: pip install -e '.[bench]' (or pip install 'kornia>=0.7')")
+    import kornia.augmentation as K
+
+    class OneHoleCutout(K.RandomErasing):
+        """RandomErasing with one hole drawn by the spec's law (pipeline.params.draw_params) instead of kornia's
+        area/aspect-ratio law, whose sides can reach the image size. Applied with the spec's cutout_p by kornia's
+        own gate; the holes come from torch's global CPU generator, where kornia's own parameters come from."""
+
+        def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+            n, h, w = batch_shape[0], batch_shape[-2], batch_shape[-1]
+            always = dataclasses.replace(spec, cutout_p=1.0)  # the gate is kornia's p; every drawn box is a hole
+            y0, x0, y1, x1 = hole_boxes(draw_params(always, n, h, w, torch.default_generator, "cpu")).T
+            return {"xs": x0, "ys": y0, "widths": x1 - x0, "heights": y1 - y0, "values": torch.full((n,), self.value)}
+
+    delta = spec.scale_max_delta
+    steps: list[torch.nn.Module] = [
+        K.RandomAffine(
+            degrees=spec.rotate_max_deg,
+            translate=(spec.shift_max_frac, spec.shift_max_frac),
+            scale=(1 - delta, 1 + delta),  # two values: isotropic
+            padding_mode="border",
+            align_corners=False,
+            p=spec.ssr_p,
+        ),
+        K.RandomHorizontalFlip(p=spec.flip_p),
+    ]
+    if spec.pad_crop_px:  # pad-and-crop: whole-pixel window offsets uniform over {-N .. N}, replicate border
+        steps.append(K.RandomCrop((height, width), padding=spec.pad_crop_px, padding_mode="replicate"))
+    steps += [
+        OneHoleCutout(value=spec.cutout_fill_uint8 / 255, p=spec.cutout_p),
+        K.Normalize(mean=torch.tensor(spec.mean), std=torch.tensor(spec.std)),
+    ]
+    return torch.nn.Sequential(*steps)
+
+
+class PeerLoader:
+    """Yields (x, y) like pipeline.make_loader's loaders: x float32 [B, 3, H, W] channels_last, normalized by
+    `spec`; y int64 [B]; both on `device`, where the whole training set stays resident as uint8.
+
+    kind "torch" or "kornia" (see the module docstring); images uint8 [N, H, W, 3] and labels [N], as
+    pipeline.make_loader takes them (bench makes them; it is not a user-facing loader). Each pass is one epoch,
+    shuffled from (seed, epoch); the epoch advances by itself after every pass and can be set with `set_epoch`.
+    Raises ValueError for an unknown kind, PeerUnavailable when kornia is asked for and missing.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        spec: AugSpec | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
+        if kind not in PEERS:
+            raise ValueError(f"unknown peer {kind!r}; choose one of {', '.join(PEERS)}")
+        self.kind, self.spec, self.device = kind, spec or AugSpec(), torch.device(device)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.spec.check_image_size(*images.shape[1:3])  # as the loaders do: a spec that cannot work is refused
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
+        self.num_samples = len(images)
+        self.epoch = 0
+        std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
+        self._scale, self._bias = 1 / (255 * std), -mean / std
+        height, width = images.shape[1:3]
+        self._kornia = kornia_augment(self.spec, height, width).to(self.device) if kind == "kornia" else None
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A well-mixed seed per (seed, epoch) from numpy's SeedSequence, so neighbouring epochs are unrelated.
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]))
+        self.epoch += 1
+        n = self.num_samples
+        order = (
+            torch.randperm(n, generator=generator, device=self.device)
+            if self.shuffle
+            else torch.arange(n, device=self.device)
+        )
+        augment = self._epoch_augment(generator)
+        for b in range(len(self)):
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = order[rows]
+            yield augment(self.images[index], rows), self.labels[index]
+
+    def _epoch_augment(self, generator: torch.Generator) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """The function that augments the batch at `rows` of this epoch's order."""
+        if self._kornia is not None:
+            kornia = self._kornia
+
+            def with_kornia(pixels: torch.Tensor, rows: slice) -> torch.Tensor:
+                x = pixels.permute(0, 3, 1, 2).float().div_(255)
+                return kornia(x).contiguous(memory_format=torch.channels_last)
+
+            return with_kornia
+        # The airbench way: every image's parameters for the whole epoch in one pass, then one slice per batch.
+        # (.to: with no unit of a kind in the spec, pipeline.params answers with an empty tensor on the CPU.)
+        height, width = self.images.shape[1:3]
+        params = draw_params(self.spec, self.num_samples, height, width, generator, self.device)
+        theta = grid_matrices(sampling_matrices(params, height, width).to(self.device), height, width)
+        shifts, boxes = grid_shifts(params).to(self.device), hole_boxes(params).to(self.device)
+
+        def with_torch(pixels: torch.Tensor, rows: slice) -> torch.Tensor:
+            return torch_augment(pixels, theta[rows], shifts[rows], boxes[rows], self.spec, self._scale, self._bias)
+
+        return with_torch
