@@ -29,7 +29,7 @@ from pipeline.cli import DefaultsHelpFormatter, OneLineParser, nonnegative_int, 
 DEFAULT_OUT = Path("bench-results")
 # --quick: every kind of row (model step, each loader alone, an epoch with each loader) on a few batches, so that
 # it is a smoke test of the whole benchmark (well under 30 s on an otherwise idle 2-core machine), not a measurement.
-QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "max_loader_batches": 4, "model_steps": 2, "warmup": 1}
+QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "model_steps": 2, "warmup": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,7 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--images", type=positive_int, default=50_000, help="images per epoch (synthetic uint8 data)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each measurement")
-    p.add_argument("--max-loader-batches", type=positive_int, default=100, help="batches per timed loader repeat")
     p.add_argument("--model-steps", type=positive_int, default=50, help="steps per timed model repeat")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the model runs")
     p.add_argument(
@@ -99,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run, seconds long, not a measurement: every kind of row on a few batches (batch sizes "
         f"{' '.join(map(str, QUICK['batch_sizes']))} unless given; --images {QUICK['images']}, --repeats "
-        f"{QUICK['repeats']}, --max-loader-batches {QUICK['max_loader_batches']}, --model-steps "
+        f"{QUICK['repeats']}, --model-steps "
         f"{QUICK['model_steps']}, {QUICK['warmup']} warm-up batch, whatever those flags say)",
     )
     args = p.parse_args(argv)
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if "loader" in args.what:
             for name in loaders:
                 for w in workers if name == "cpu" else [threads(name)]:
-                    record(bench_loader(name, images, labels, bs, w, device, args.repeats, args.max_loader_batches))
+                    record(bench_loader(name, images, labels, bs, w, device, args.repeats))
         if "epoch" in args.what:
             for kind in steps:
                 for name in [None, *loaders]:

@@ -16,7 +16,7 @@ import torch
 
 import model as models
 from bench.peers import PEERS, PeerLoader
-from pipeline import make_loader
+from pipeline import Loader, make_loader
 from train.config import TrainConfig
 from train.loop import sync, train_one_epoch
 from train.optim import make_optimizer, make_scheduler
@@ -89,13 +89,9 @@ def loader_for(
     return cpu_mode if device.type == "cpu" else _ToDevice(cpu_mode, device)
 
 
-def _consume(batches: Iterator, limit: int) -> int:
-    seen = 0
-    for i, (x, _) in enumerate(batches):
-        seen += len(x)
-        if i + 1 >= limit:
-            break
-    return seen
+def _epoch(loader: Loader) -> int:
+    """Take one whole epoch from `loader`; the number of images."""
+    return sum(len(x) for x, _ in loader)
 
 
 def bench_loader(
@@ -106,15 +102,15 @@ def bench_loader(
     workers: int | None,
     device: torch.device,
     repeats: int,
-    max_batches: int,
 ) -> Result:
-    """Images per second out of the loader, on the device the model would use (nothing else running)."""
+    """Images per second out of the loader alone, on the device the model would use, over whole epochs: a chunked
+    loader works ahead of its consumer, so part of an epoch would count work it never credits (and an early stop
+    drains the chunk in flight inside the timing). One untimed epoch first: workers started, buffers allocated."""
     loader = loader_for(name, images, labels, batch_size, workers, device)
-    batches = min(len(loader), max_batches)
-    _consume(iter(loader), min(3, batches))  # warm-up: workers started, DALI buffers allocated
-    result = Result("loader", name, batch_size, workers, batches * batch_size)
+    _epoch(loader)
+    result = Result("loader", name, batch_size, workers, loader.num_samples)
     for _ in range(repeats):
-        result.seconds.append(timed(device, lambda: _consume(iter(loader), batches)))
+        result.seconds.append(timed(device, lambda: _epoch(loader)))
     return result
 
 

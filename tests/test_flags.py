@@ -36,7 +36,6 @@ BENCH = [
     ["--batch-sizes", "1.5"],
     ["--images", "0"],
     ["--repeats", "0"],
-    ["--max-loader-batches", "0"],
     ["--model-steps", "-1"],
     ["--workers", "-1"],
     ["--model", "no-such-net"],
