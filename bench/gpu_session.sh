@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU measurement this project reports, in one prepared script (GPU time is scarce: 15 minutes a session).
 #
-#   DATA=/path/with/cifar-10-batches-py OUT=gpu-out PHASES=measure bash bench/gpu_session.sh   # first call
-#   DATA=/path/with/cifar-10-batches-py OUT=gpu-out PHASES=recipe  bash bench/gpu_session.sh   # second call
+#   export PYTHONPATH=/tmp/site:$PWD                      # after ../shared/gpu/pack.sh's kit (4 calls, ~2 min)
+#   DATA=/tmp/data OUT=/tmp/gpu-out PHASES=measure bash bench/gpu_session.sh; cp /tmp/gpu-out/results.tgz $OUT/
+#   DATA=/tmp/data OUT=/tmp/gpu-out PHASES=recipe  bash bench/gpu_session.sh; cp /tmp/gpu-out/results.tgz $OUT/
+# (two device calls of at most 10 minutes each, back to back so the machine stays warm and /tmp/gpu-out stays; the
+# recipe phases reuse the measure phases' dwres step rates when they are there, and measure them again otherwise)
 #
 # PHASES=measure (about 5 minutes on an H200)
 #   smoke     the chunked DALI GPU loader runs and matches albumentations on explicit parameters (abort if not)
@@ -44,7 +47,8 @@ phase() {  # phase NAME SECONDS command...: run in a new process group, with a l
   (( limit > cap )) && limit=$cap
   if (( limit < 10 )); then say "skip $name: no time left"; return 1; fi
   say "start $name (limit ${limit}s)"
-  setsid timeout --kill-after=5 "$limit" "$@" > "$OUT/logs/$name.txt" 2>&1 &
+  # (<&0: a background command's stdin would otherwise be /dev/null, and the python phases read their script there)
+  setsid timeout --kill-after=5 "$limit" "$@" <&0 > "$OUT/logs/$name.txt" 2>&1 &
   local pid=$!
   wait "$pid"
   local rc=$?
@@ -56,11 +60,11 @@ phase() {  # phase NAME SECONDS command...: run in a new process group, with a l
 if [ "$QUICK" = 1 ]; then
   SMALL=(--allow-small-data --limit-train 1024) VAL=256 DEVICE=cpu SEED_EPOCHS=1 FAST_CAP=1
   BENCH=(--quick) BENCH_SIZES=(--batch-sizes 64) DWRES_SIZES=(--batch-sizes 64) SEARCH_BS="128" SEARCH_LRS="0.4"
-  STEPS=(--steps eager)
+  STEPS=(--steps eager) PROFILE_IMAGES=1024
 else
   SMALL=() VAL=5000 DEVICE=cuda SEED_EPOCHS=60 FAST_CAP=40
   BENCH=() BENCH_SIZES=(--batch-sizes 128 512 2048) DWRES_SIZES=(--batch-sizes 128 512 1024 2048)
-  SEARCH_BS="512 1024" SEARCH_LRS="0.4 0.8 1.6" STEPS=(--steps eager graph)
+  SEARCH_BS="512 1024" SEARCH_LRS="0.4 0.8 1.6" STEPS=(--steps eager graph) PROFILE_IMAGES=50000
 fi
 # (paths must not contain spaces: COMMON is split on them in the side-by-side phases)
 COMMON="--data-dir $DATA --device $DEVICE --no-progress --overwrite ${SMALL[*]}"
@@ -90,7 +94,9 @@ ref = np.stack([apply_fixed(AugSpec(), x[i], r) for i, r in enumerate(rows)])
 diff = np.abs(out - ref)[:, 2:-2, 2:-2] * 255 / 2
 print("max interior diff (uint8 levels):", diff.max(), "mean:", diff.mean())
 assert diff.max() <= 2.5, "DALI GPU disagrees with albumentations"
+print("smoke passed")
 PY
+grep -q "smoke passed" "$OUT/logs/smoke.txt" || { say "smoke did not run to its end: stopping"; exit 3; }
 [ "$QUICK" = 1 ] || phase gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
 phase host-ops 40 "$PY" -m bench.host_ops --batch-size 512
 phase bench 240 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" "${STEPS[@]}" --out "$OUT/bench" \
@@ -102,13 +108,13 @@ phase bench-cpu 120 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" --steps eag
   --loaders cpu dali-cpu --what epoch
 phase dwres 60 "$PY" -m bench "${BENCH[@]}" "${DWRES_SIZES[@]}" "${STEPS[@]}" --what model --model dwres \
   --out "$OUT/bench-dwres"
-phase profile 60 "$PY" - "$DEVICE" "$OUT/logs/profile-dali-epoch.txt" <<'PY'
+phase profile 60 "$PY" - "$DEVICE" "$OUT/logs/profile-dali-epoch.txt" "$PROFILE_IMAGES" <<'PY'
 import sys, numpy as np, torch
 from bench.core import loader_for, training_step
 from train.loop import train_one_epoch
-device, path = torch.device(sys.argv[1]), sys.argv[2]
+device, path, n = torch.device(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 rng = np.random.default_rng(0)
-x, y = rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 50_000)
+x, y = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
 name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
 loader = loader_for(name, x, y, 512, None, device)
 for graphed in ([False, True] if device.type == "cuda" else [False]):
