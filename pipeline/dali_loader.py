@@ -153,7 +153,7 @@ def _graphs():  # built on first use: importing DALI is slow and optional
     def per_image_pipeline(spec: AugSpec, height: int, width: int, augment: bool):
         """CPU graph. Inputs per iteration, one DALI sample per image, matrices in DALI's pixel-corner convention:
         images (H, W, 3) uint8; warp (2, 3); shift (2, 3), a whole-pixel translation, if the spec has a Shift unit;
-        holes (4 per Box unit, 1, 1)."""
+        holes (Box units, 4)."""
         images = fn.external_source(name="images", layout="HWC")
         if not augment:
             return normalize(images, spec, "cpu")
@@ -166,9 +166,17 @@ def _graphs():  # built on first use: importing DALI is slow and optional
             # pixels, nearest-neighbour sampling is an exact copy.
             shift = fn.external_source(name="shift")
             warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.INTERP_NN)
-        holes = fn.external_source(name="holes") if layout.fills else None
-        gy, gx = grid(height, width, "cpu")
-        return boxes_then_normalize(warped, holes, gy, gx, layout, spec, width, "cpu")
+        if layout.fills:
+            # Boxes with fn.erase, not the batched graph's mask blend: here a box is a per-sample argument from the
+            # CPU, which erase takes, and it writes only the box instead of blending every pixel (the per-image
+            # graph ran at 32k img/s with the blend and 55k with erase, 2 threads, this project's 2-core machine).
+            # The result is the same: the fill inside [y0, y1) x [x0, x1), the image elsewhere; an empty box erases
+            # nothing.
+            holes = fn.external_source(name="holes")  # per image: (Box units, 4) [y0, x0, y1, x1)
+            for k, fill in enumerate(layout.fills):
+                box = holes[k]
+                warped = fn.erase(warped, anchor=box[0:2], shape=box[2:4] - box[0:2], axis_names="HW", fill_value=fill)
+        return normalize(warped, spec, "cpu")
 
     return batched_pipeline, per_image_pipeline
 
@@ -395,7 +403,7 @@ class DaliLoader:
                     translation[:, :, 2] = shifts
                     columns["shift"] = _to_dali_corner_convention(translation)
                 if self.layout.fills:
-                    columns["holes"] = holes.view(n, -1, 1, 1)
+                    columns["holes"] = holes.view(n, -1, 4)
                 inputs = [{k: v[g[0][0] : g[-1][1]] for k, v in columns.items()} for g in groups]
             else:
                 # per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
