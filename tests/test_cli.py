@@ -359,3 +359,17 @@ def test_loaders_take_the_same_seeds_as_the_cli(seed, ok):
     else:
         with pytest.raises(ValueError, match=re.escape("--seed must be an integer in [0, 2**63 - 1]")):
             Order(seed=seed)
+
+
+def test_help_gives_each_default_once_and_never_none():
+    import re
+
+    result = run_train("--help")
+    assert result.returncode == 0
+    options = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])
+    for option in options:
+        text = " ".join(option.split())
+        assert text.count("(default:") + text.count("default:") <= 2, text  # "(default: x)" once, or said in words
+        assert "(default: None)" not in text and "(default: False)" not in text, text
+    workers = next(o for o in options if o.startswith("--workers"))
+    assert "every usable core" in " ".join(workers.split()) and "all cores / 4" not in workers

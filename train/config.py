@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import model
 from pipeline import LOADERS, check_seed
-from pipeline.cli import OneLineParser
+from pipeline.cli import DefaultsHelpFormatter, OneLineParser
 from pipeline.data import IMAGE_SHAPE
 from pipeline.spec import AugSpec
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m train",
         description="Train a small CIFAR-10 network, fed by the DALI GPU loader or the albumentations CPU loader.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         # Flags are spelled out: an abbreviation (--epoch, --batch) would be a second spelling of every flag, and one
         # that stops meaning the same flag as soon as a flag with the same prefix is added.
         allow_abbrev=False,
@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=d.workers,
-        help="CPU loader: DataLoader worker processes; DALI: threads (default: all cores / 4)",
+        help="--loader cpu: DataLoader worker processes (0 = in the main process; default: every usable core); "
+        "--loader dali: DALI's CPU threads (at least 1; default: 4 on a GPU, every usable core in DALI's CPU mode). "
+        "metrics.json records the number used (resolved.workers)",
     )
     a(
         "--amp",
