@@ -20,6 +20,7 @@ from bench.core import LOADERS, MODEL_ONLY
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json_and_png(tmp_path):
     result = subprocess.run(
         [
@@ -61,6 +62,7 @@ def test_bench_quick_writes_json_and_png(tmp_path):
     assert "img/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_refuses_dali_gpu_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -74,6 +76,7 @@ def test_bench_refuses_dali_gpu_without_a_gpu(tmp_path):
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_writes_into_a_folder_of_the_current_directory_by_default(tmp_path, monkeypatch, capsys):
     from bench.__main__ import DEFAULT_OUT, main, parse_args
 
@@ -192,6 +195,7 @@ def test_benchmark_one_batch(benchmark, variant, images):
     assert x.shape == (256, 3, 32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["cpu", "dali-per-image"])
 def test_benchmark_epoch_slice(benchmark, variant, images):
     """A slice of a training epoch: 512 images through the loader and the seed net's training step on the CPU."""

@@ -23,6 +23,39 @@ def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
+def refused_by_train(args: list[str], capsys) -> str:  # noqa: ANN001
+    """Run `python -m train ARGS` in this process (no interpreter start: milliseconds); assert it was refused with
+    exit code 2 and one `error:` line, and return that line. For refusals that come before any work: a run that went
+    further would train in this process."""
+    from train.__main__ import cli
+
+    try:
+        code = cli(list(args))
+    except SystemExit as exit_:  # argparse's own refusals
+        code = exit_.code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, f"{args}: exit code {code}, stderr {captured.err!r}"
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def train_help(*args: str) -> subprocess.CompletedProcess:
+    """`python -m train ARGS --help`, in this process (argparse prints and exits 0 before any work)."""
+    import contextlib
+    import io
+
+    from train.__main__ import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli([*args, "--help"])
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess([*args, "--help"], code, out.getvalue(), err.getvalue())
+
+
 def small_run_args(data: str, out: Path, *extra: str) -> list[str]:
     return [
         "--data-dir",
@@ -45,6 +78,7 @@ def small_run_args(data: str, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["cpu", "dali"])
 def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
     out = tmp_path / loader
@@ -96,12 +130,20 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
         (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead does nothing without --compile"),
     ],
 )
-def test_bad_flags_are_refused_in_one_line(args, message, tmp_path):
+def test_bad_flags_are_refused_in_one_line(args, message, tmp_path, capsys):
+    line = refused_by_train([*args, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert message in line
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--epochs", "0"], ["--aug", "std=inf"], ["--seed", "-1"], ["--epoch", "3"]])
+def test_a_refusal_through_the_real_command_is_one_line(args, tmp_path):
+    """The same refusals through `python -m train` in a process of its own, as a user meets them."""
     result = run_train(*args, "--out", str(tmp_path / "out"), "--device", "cpu")
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()  # refused before any work
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -112,15 +154,14 @@ def test_bad_flags_are_refused_in_one_line(args, message, tmp_path):
         (["--amp"], "--amp (bf16 autocast) works on CUDA only"),
     ],
 )
-def test_settings_the_cpu_cannot_run_are_refused_before_the_data_is_read(args, message, tmp_path):
+def test_settings_the_cpu_cannot_run_are_refused_before_the_data_is_read(args, message, tmp_path, capsys):
     # The data folder does not exist: a check that came after reading the data would report that instead.
-    result = run_train(*args, "--device", "cpu", "--data-dir", "/nonexistent/cifar", "--out", str(tmp_path / "out"))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    argv = [*args, "--device", "cpu", "--data-dir", "/nonexistent/cifar", "--out", str(tmp_path / "out")]
+    assert message in refused_by_train(argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_dali_loader_without_dali_is_refused_before_the_data_is_read(tmp_path):
     # A regular package named `nvidia` earlier on the path hides the installed nvidia.dali, as on a machine without it.
     (tmp_path / "nvidia").mkdir()
@@ -155,7 +196,7 @@ def test_seed_range_boundaries_train(tiny_cifar, tmp_path, loader, seed):
 
 
 def test_help_explains_every_flag():
-    result = run_train("--help")
+    result = train_help()
     assert result.returncode == 0
     for flag in (
         "--loader",
@@ -183,6 +224,7 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 def test_data_dir_from_environment(tiny_cifar, tmp_path):
     result = run_train(
         "--allow-small-data",
@@ -205,7 +247,7 @@ def test_data_dir_from_environment(tiny_cifar, tmp_path):
 
 
 def test_help_shows_the_recipe_values_as_defaults():
-    result = run_train("--recipe", "fast", "--help")
+    result = train_help("--recipe", "fast")
     assert result.returncode == 0
     assert "training epochs (default: 19)" in " ".join(result.stdout.split())
     assert "[0, 2**63 - 1]" in " ".join(result.stdout.split())  # the accepted seeds are documented
@@ -337,17 +379,16 @@ def test_amp_default_is_resolved_per_device(monkeypatch, device, bf16, given, ex
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**63)])
-def test_gallery_refuses_the_seeds_train_refuses(seed):
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.gallery", "--seed", seed, "--data-dir", "/nonexistent/cifar"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--seed must be an integer in [0, 2**63 - 1]" in lines[0], result.stderr
+def test_gallery_refuses_the_seeds_train_refuses(seed, capsys):
+    from pipeline.gallery import main
+
+    try:
+        code = main(["--seed", seed, "--data-dir", "/nonexistent/cifar"])
+    except SystemExit as exit_:
+        code = exit_.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and "--seed must be an integer in [0, 2**63 - 1]" in lines[0], lines
 
 
 @pytest.mark.parametrize("seed, ok", [(0, True), (2**63 - 1, True), (np.int64(5), True), (-1, False), (2**63, False)])
@@ -364,7 +405,7 @@ def test_loaders_take_the_same_seeds_as_the_cli(seed, ok):
 def test_help_gives_each_default_once_and_never_none():
     import re
 
-    result = run_train("--help")
+    result = train_help()
     assert result.returncode == 0
     options = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])
     for option in options:

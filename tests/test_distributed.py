@@ -19,6 +19,9 @@ import torch
 import torch.multiprocessing as mp
 from conftest import build_loader, decode_index, indexed_images
 
+# Every test here runs `python -m train` (or torchrun) end to end: the full run in .ci/run has them all.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 301, 101  # odd: the two shards differ by one image
 

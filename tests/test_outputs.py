@@ -194,6 +194,7 @@ def test_a_link_planted_as_the_lock_file_is_refused(tiny_cifar, tmp_path, capsys
     assert victim.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_resuming_into_a_folder_of_another_run_is_refused(finished, halfway, tiny_cifar, tmp_path, capsys):
     other = copy_of(finished, tmp_path, "other")
     before = snapshot(other)
@@ -304,6 +305,7 @@ def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, 
     assert report([str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_stale_temporaries_of_killed_runs_are_removed(tiny_cifar, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -430,6 +432,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_is_one_line(tiny
 # --- kind 3: nothing planted in the folder is written through -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_outputs_replace_planted_links_instead_of_writing_through_them(finished, tiny_cifar, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     victims = tmp_path / "victims"
@@ -633,6 +636,7 @@ def test_read_only_out_is_refused_before_any_work_for_real(tiny_cifar, tmp_path,
     assert code == 2 and f"--out {out} is not writable (Permission denied, EACCES)" in stderr
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_keeps_the_previous_checkpoint(finished, tiny_cifar, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     real_fsync, calls = os.fsync, []

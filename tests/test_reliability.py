@@ -17,6 +17,9 @@ import pytest
 import torch
 from test_cli import ROOT, run_train, small_run_args
 
+# Every test here runs `python -m train` (or torchrun) end to end: the full run in .ci/run has them all.
+pytestmark = pytest.mark.slow
+
 STABLE = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images", "lr")
 
 
