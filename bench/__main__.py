@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
 
-    def record(result) -> None:  # noqa: ANN001
+    def record(result) -> None:
         row = result.row()
         results.append(row)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows

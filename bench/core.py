@@ -218,7 +218,7 @@ class _Repeat:
 class _ToDevice:
     """DALI's CPU mode feeding a GPU model: the batches cross to the GPU like the CPU loader's do."""
 
-    def __init__(self, loader, device: torch.device):  # noqa: ANN001
+    def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
 
     def __len__(self) -> int:
@@ -230,7 +230,7 @@ class _ToDevice:
 
 
 class _Take:
-    def __init__(self, loader, n: int):  # noqa: ANN001
+    def __init__(self, loader, n: int):
         self.loader, self.n = loader, n
 
     def __iter__(self) -> Iterator:

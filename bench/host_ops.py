@@ -102,29 +102,29 @@ class HostWork:
 class _CountingPipe:
     """A DALI pipeline that counts the calls named in DALI_CALLS into `calls` and forwards everything."""
 
-    def __init__(self, pipe, calls: Counter):  # noqa: ANN001 (a nvidia.dali.Pipeline)
+    def __init__(self, pipe, calls: Counter):  # pipe: a nvidia.dali.Pipeline
         self._wrapped, self._calls = pipe, calls
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         attr = getattr(self._wrapped, name)
         if name not in DALI_CALLS:
             return attr
 
-        def counted(*args, **kwargs):  # noqa: ANN202
+        def counted(*args, **kwargs):
             self._calls[name] += 1
             return attr(*args, **kwargs)
 
         return counted
 
 
-def _launches(event) -> bool:  # noqa: ANN001 (a profiler FunctionEvent)
+def _launches(event) -> bool:  # event: a profiler FunctionEvent
     """An aten operation that runs a kernel: not a view, or a view that calls one that does (its children named
     without "aten::" are autograd's bookkeeping, not operations)."""
     children = [child for child in event.cpu_children if child.name.startswith("aten::")]
     return event.name not in VIEWS or any(_launches(child) for child in children)
 
 
-def host_work(loader, warmup_epochs: int = 1) -> HostWork:  # noqa: ANN001 (a pipeline.Loader)
+def host_work(loader, warmup_epochs: int = 1) -> HostWork:  # loader: a pipeline.Loader
     """Time, then count the torch operations and DALI calls of, each batch of one epoch of `loader` (two epochs),
     after `warmup_epochs` whole epochs (steady state: DALI's buffers allocated, torch's caching allocator warm).
     The loader's DALI pipeline (`loader.pipe`, if it has one) is wrapped for the counted epoch and restored after."""

@@ -12,10 +12,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from bench.core import MODEL_ONLY  # noqa: E402
+from bench.core import MODEL_ONLY
 
 NAMES = {
     "dali-gpu": "DALI GPU",

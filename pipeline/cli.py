@@ -20,11 +20,11 @@ class OneLineParser(argparse.ArgumentParser):
     abbreviations (an abbreviation is a second spelling of a flag, which changes meaning as soon as another flag
     with the same prefix is added)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (argparse.ArgumentParser's own)
+    def __init__(self, *args, **kwargs) -> None:  # argparse.ArgumentParser's own
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):  # noqa: ANN201 (never returns)
+    def error(self, message: str):  # never returns
         self.exit(2, f"error: {message} (see --help)\n")
 
 

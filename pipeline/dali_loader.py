@@ -316,6 +316,7 @@ class DaliLoader:
         # (DALI's output, CUDA event): DALI's buffer of the last chunk collected on the GPU, kept alive until the
         # asynchronous copy out of it is done (see _collect)
         self._held: tuple | None = None
+        self._in_flight = 0  # chunks scheduled in DALI and not collected yet, by whichever pass
 
     def __len__(self) -> int:
         return num_batches(self.n, self.batch_size, self.order)
@@ -324,6 +325,7 @@ class DaliLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._check_no_pass_in_flight()
         epoch, self.epoch = self.epoch, self.epoch + 1
         chosen = epoch_batches(self.n, self.batch_size, epoch, self.order)
         index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
@@ -364,10 +366,22 @@ class DaliLoader:
             if self.pipe is not None and getattr(self.pipe, "_pipe", None) is not None:  # (None at interpreter exit)
                 for _ in range(pending):
                     self.pipe.outputs()
+                    self._in_flight -= 1
+
+    def _check_no_pass_in_flight(self) -> None:
+        """DALI has one queue per loader: a pass that started while another still had chunks queued would collect
+        that pass's images under its own labels. Raises RuntimeError then (a pass holds chunks in DALI from its
+        first batch until its last chunk is collected; closing its iterator drains them)."""
+        if self._in_flight:
+            raise RuntimeError(
+                "DaliLoader: another pass over this loader still has chunks queued in DALI; exhaust it or close its "
+                "iterator (it.close()) before starting a new one"
+            )
 
     def run_fixed(self, images: np.ndarray, params: AugParams) -> torch.Tensor:
         """Augment `images` (uint8 [N, H, W, 3], N <= batch_size) with explicit parameters (the parity tests' seam);
         returns float32 [N, 3, H, W] channels_last, normalized."""
+        self._check_no_pass_in_flight()
         saved = self.images
         self.images = torch.from_numpy(images).to(self.device)
         try:
@@ -444,6 +458,7 @@ class DaliLoader:
         for name, tensor in chunk.inputs.items():
             self._feed_input(name, tensor)
         self.pipe.schedule_run()
+        self._in_flight += 1
 
     def _feed_input(self, name: str, tensor: torch.Tensor | list[torch.Tensor], layout: str | None = None) -> None:
         """A tensor is a batch (first axis = samples); a list holds one tensor per sample. DALI copies the data
@@ -460,6 +475,7 @@ class DaliLoader:
 
     def _collect(self) -> torch.Tensor:
         """The oldest scheduled chunk's output in fresh torch memory: float32 [N, 3, H, W] channels_last."""
+        self._in_flight -= 1
         if self.graph == "per_image":
             (out,) = self.pipe.outputs()
             x = torch.from_numpy(np.array(out.as_array()))  # a copy: DALI may reuse its buffer

@@ -23,7 +23,7 @@ def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
-def refused_by_train(args: list[str], capsys) -> str:  # noqa: ANN001
+def refused_by_train(args: list[str], capsys) -> str:
     """Run `python -m train ARGS` in this process (no interpreter start: milliseconds); assert it was refused with
     exit code 2 and one `error:` line, and return that line. For refusals that come before any work: a run that went
     further would train in this process."""
@@ -323,7 +323,7 @@ def test_recipes_set_defaults_and_flags_override_them():
 # --- checks of a flag against the device and the world size (train.config.check_hardware), GPU branches included ---
 
 
-def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **flags) -> None:  # noqa: ANN001
+def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **flags) -> None:
     from train.config import TrainConfig, check_hardware
     from train.dist import Dist
 

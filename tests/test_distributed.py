@@ -236,7 +236,7 @@ def test_settings_this_world_cannot_run_are_one_line_on_every_rank(args, data, m
     assert not (tmp_path / "out").exists()
 
 
-def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -> None:  # noqa: ANN001
+def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -> None:
     from train.config import ConfigError
     from train.dist import Dist, require_agreement
 
@@ -417,11 +417,11 @@ def test_the_survivor_of_a_lost_peer_says_so_in_one_line(failure, odd_cifar, tmp
         assert re.search(r"\(\w+: (Timed out waiting|Application timeout caused pair closure)", lines[0]), lines[0]
 
 
-def _torchrun_env(monkeypatch, **extra: str) -> None:  # noqa: ANN001
+def _torchrun_env(monkeypatch, **extra: str) -> None:
     for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", **extra}.items():
         monkeypatch.setenv(key, value)
 
-    def must_not_run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def must_not_run(*args, **kwargs):
         raise AssertionError("refused too late: this ran first")
 
     monkeypatch.setattr(torch.cuda, "set_device", must_not_run)

@@ -9,7 +9,7 @@ import torch
 NO_GPU = not torch.cuda.is_available()
 
 
-def refused(main, argv: list[str], capsys) -> str:  # noqa: ANN001
+def refused(main, argv: list[str], capsys) -> str:
     """Run an entry point's main(argv) in this process; assert it refused with exit code 2 and one error line."""
     try:
         code = main(argv)

@@ -128,6 +128,23 @@ def test_stopping_early_leaves_the_next_epoch_intact(variant, chunk, data):
     np.testing.assert_array_equal(index, np.arange(N))
 
 
+@pytest.mark.parametrize("variant", DALI_VARIANTS)
+def test_a_second_pass_while_one_has_chunks_in_dali_is_refused(variant, data):
+    """DALI has one queue per loader: a pass started while another still has a chunk queued would collect that
+    chunk (other images) under its own labels. It is refused; once the first pass is closed, passes work again."""
+    images, labels = data
+    loader = build_loader(variant, images, labels, 32, train=False, shuffle=False, chunk_images=64)
+    first = iter(loader)
+    next(first)  # the second chunk is in flight in DALI now
+    with pytest.raises(RuntimeError, match="another pass over this loader"):
+        next(iter(loader))
+    first.close()
+    loader.set_epoch(0)
+    batches = list(loader)
+    np.testing.assert_array_equal(np.concatenate([decode_index(x) for x, _ in batches]), np.arange(N))
+    np.testing.assert_array_equal(torch.cat([y.cpu() for _, y in batches]).numpy(), labels)
+
+
 def test_unknown_kind_and_bad_inputs_are_refused(data):
     images, labels = data
     with pytest.raises(ValueError, match="unknown loader 'ffcv'"):

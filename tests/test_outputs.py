@@ -68,19 +68,19 @@ def no_data_reading(monkeypatch):
     """Refusals must come before any data is read: reading it fails the test."""
     import train.run
 
-    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def refuse(*args, **kwargs):
         raise AssertionError("the data was read before the refusal")
 
     monkeypatch.setattr(train.run, "load_data", refuse)
 
 
-def _stop_at_epoch(index: int):  # noqa: ANN202
+def _stop_at_epoch(index: int):
     """A train.run.train_and_evaluate that stops the run (Ctrl-C) when epoch `index` (0-based) begins."""
     import train.run
 
     original = train.run.train_and_evaluate
 
-    def stopping(epoch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def stopping(epoch, *args, **kwargs):
         if epoch == index:
             raise KeyboardInterrupt
         return original(epoch, *args, **kwargs)
@@ -484,7 +484,7 @@ def _flip_a_bit_in_the_weights(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _edited(change):  # noqa: ANN001, ANN202
+def _edited(change):
     def write(source: Path, target: Path) -> None:
         saved = torch.load(source, weights_only=True)
         change(saved)
@@ -493,7 +493,7 @@ def _edited(change):  # noqa: ANN001, ANN202
     return write
 
 
-def _raw(content: bytes):  # noqa: ANN202
+def _raw(content: bytes):
     return lambda source, target: target.write_bytes(content)
 
 
@@ -545,7 +545,7 @@ CORRUPTIONS = {
 }
 
 
-def argparse_namespace():  # noqa: ANN201
+def argparse_namespace():
     import argparse
 
     return argparse.Namespace(seed=1)
@@ -613,7 +613,7 @@ def test_read_only_out_is_refused_before_any_work(tiny_cifar, tmp_path, capsys, 
     out.mkdir()
     real_open = os.open
 
-    def read_only(path, flags, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def read_only(path, flags, *args, **kwargs):
         if flags & os.O_CREAT and Path(path).parent == out:  # what a read-only filesystem answers
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, flags, *args, **kwargs)

@@ -110,7 +110,7 @@ def test_torch_peer_conventions_are_albumentations(unit, convention):
 _measured: dict[tuple[str, str], dict] = {}
 
 
-def measured(unit, kind: str) -> dict:  # noqa: ANN001 (a pipeline.augs unit)
+def measured(unit, kind: str) -> dict:  # unit: a pipeline.augs unit
     """Each unit alone (its probe's spec), SAMPLES draws of its probe image through peer `kind`, read back."""
     if (unit.name, kind) not in _measured:
         spec = probe_spec(unit)

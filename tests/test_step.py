@@ -7,8 +7,11 @@ a GPU the replayed graph is held to the eager step within bf16 tolerance.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as models
 from train.config import TrainConfig
@@ -140,6 +143,42 @@ def test_lr_table_follows_the_scheduler_after_a_resume():
     for x, y in data[5:]:
         resumed(x, y)
     torch.testing.assert_close(resumed.net.state_dict(), whole.net.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten operations run inside it (what a CUDA graph would capture, whatever the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Operations that read the device back to the host: capture refuses them (and a replay would not redo the read).
+# _local_scalar_dense is .item() and what indexing with a 0-d integer tensor calls; the others have data-dependent
+# output shapes.
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+
+@pytest.mark.parametrize("name", ["seed", "dwres"])
+@pytest.mark.parametrize("settings", [{}, {"momentum": 0.0}])
+def test_captured_step_function_never_reads_the_device_nor_rebuilds_optimizer_state(name, settings):
+    """What capture needs of the function, checked on the CPU through the operations it runs: no host read (a sync
+    that torch.cuda.graph capture fails on), and no new momentum buffers once they exist (each would be a fill
+    kernel in every replay)."""
+    step = make_step(name, True, **settings)
+    step.net.train()
+    step.begin_epoch()
+    x, y = batches(1)[0]
+    step._graph_step(x, y)  # the first step may create the optimizer's state
+    with _Ops() as recorded:
+        step._graph_step(x, y)
+    reads = {op: n for op, n in recorded.ops.items() if op.startswith(HOST_READS)}
+    assert not reads, f"the captured step reads the device back: {reads}"
+    assert recorded.ops["aten.zeros_like.default"] == 0
 
 
 def test_capture_is_refused_without_cuda():

@@ -82,7 +82,7 @@ class _RecordingFile:
         self._f = f
         self.error: OSError | None = None
 
-    def write(self, data) -> int:  # noqa: ANN001 (bytes-like)
+    def write(self, data) -> int:  # data: bytes-like
         try:
             return self._f.write(data)
         except OSError as err:

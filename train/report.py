@@ -19,13 +19,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from pipeline.cli import OneLineParser  # noqa: E402
-from pipeline.data import CLASSES  # noqa: E402
-from train.checkpoint import OutputError, atomic_write  # noqa: E402
-from train.outdir import PLOT_FILES  # noqa: E402
+from pipeline.cli import OneLineParser
+from pipeline.data import CLASSES
+from train.checkpoint import OutputError, atomic_write
+from train.outdir import PLOT_FILES
 
 CURVES_SIZE = (12, 4.5)  # inches at DPI: 1200 x 450 px
 CONFUSION_SIZE = (7, 6)  # 700 x 600 px
@@ -38,7 +38,7 @@ class ReportError(Exception):
     """A run folder's metrics.json or predictions.npz that cannot be read; the message says which and why."""
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001 (a matplotlib Figure)
+def _save(fig, path: Path) -> None:  # fig: a matplotlib Figure
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     plt.close(fig)
 

@@ -98,7 +98,7 @@ def sgd_update_(optimizer: torch.optim.SGD, grads: list[torch.Tensor], lr_factor
             g = torch._foreach_add(g, params, alpha=group["weight_decay"])
         momentum = group["momentum"]
         if momentum:
-            bufs = [optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            bufs = [_momentum_buffer(optimizer, p) for p in params]
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, g)
             g = torch._foreach_add(g, bufs, alpha=momentum) if group["nesterov"] else bufs
@@ -106,6 +106,15 @@ def sgd_update_(optimizer: torch.optim.SGD, grads: list[torch.Tensor], lr_factor
         # type where it is applied
         lr = (lr_factor * -group["initial_lr"]).to(params[0].dtype)
         torch._foreach_add_(params, torch._foreach_mul(g, lr))
+
+
+def _momentum_buffer(optimizer: torch.optim.SGD, p: torch.Tensor) -> torch.Tensor:
+    """`p`'s momentum buffer, made (zeros) only if it does not exist yet. Not dict.setdefault: its default would be
+    built on every call, and inside a captured graph every replay would run one fill kernel per parameter."""
+    state = optimizer.state[p]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+    return state["momentum_buffer"]
 
 
 class TrainStep:
@@ -201,7 +210,10 @@ class TrainStep:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
-            lr_factor = self.lr_factors[self.step_index.clamp(max=len(self.lr_factors) - 1)]
+            # index_select, not lr_factors[step_index]: indexing with a 0-d integer tensor reads the index back to
+            # the host (.item(), a sync that CUDA-graph capture refuses, and that would freeze the index anyway)
+            index = self.step_index.clamp(max=len(self.lr_factors) - 1).view(1)
+            lr_factor = self.lr_factors.index_select(0, index).squeeze(0)
             sgd_update_(self.optimizer, list(grads), lr_factor)
             self.step_index.add_(1)
             self._count(loss, logits, y)
@@ -218,9 +230,10 @@ class TrainStep:
         if not self.graphed or self.device.type != "cuda":
             raise ValueError("capture needs graphed=True on a CUDA device")
         static_x, static_y = x.clone(memory_format=_layout(x)), y.clone()
-        for p in self.params:  # create the momentum buffers now: they must exist, at fixed addresses, before capture
-            if self.optimizer.param_groups[0]["momentum"]:
-                self.optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        for group in self.optimizer.param_groups:  # the momentum buffers must exist, at fixed addresses, before capture
+            if group["momentum"]:
+                for p in group["params"]:
+                    _momentum_buffer(self.optimizer, p)
         saved = _snapshot(self)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
