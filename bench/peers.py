@@ -31,10 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.augs import units_of
+from pipeline.dali_loader import CHUNK_IMAGES, graph_layout
 from pipeline.params import draw_params, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
 PEERS = ("kornia", "torch")
+KORNIA_TWINS = ("ssr", "flip", "pad_crop", "cutout")  # the units kornia_augment writes with kornia's modules
 
 
 class PeerUnavailable(RuntimeError):
@@ -90,9 +93,12 @@ def torch_augment(
         x = x.gather(3, cols.view(n, 1, 1, width).expand(n, 3, height, width))
     ys, xs = ys.view(1, 1, height, 1), xs.view(1, 1, 1, width)
     y0, x0, y1, x1 = boxes.view(n, boxes.shape[1] // 4, 4, 1, 1).unbind(2)  # each (B, k, 1, 1)
-    hole = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).any(1, keepdim=True)  # (B, 1, H, W)
-    # The fill is the uint8 level the reference loaders write (they cut out before Normalize).
-    x = torch.where(hole, float(spec.cutout_fill_uint8), x)
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # (B, k, H, W): the k Box units in order
+    # Each Box unit's own fill, the uint8 level the reference loaders write (they cut out before Normalize), as the
+    # DALI graphs do (pipeline.dali_loader.graph_layout).
+    # (Explicit parameters may leave the Box units out: then there are no boxes, and nothing to fill.)
+    for k, fill in zip(range(inside.shape[1]), graph_layout(spec).fills, strict=False):
+        x = torch.where(inside[:, k : k + 1], float(fill), x)
     return torch.addcmul(bias, x, scale).contiguous(memory_format=torch.channels_last)
 
 
@@ -102,6 +108,12 @@ def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
     if not peer_available("kornia"):
         raise PeerUnavailable("kornia is not installed: pip install -e '.[bench]' (or pip install 'kornia>=0.7')")
     import kornia.augmentation as K
+
+    # kornia has its own modules, named here one by one: a unit added to pipeline/augs/ without a twin below would be
+    # left out silently, so it is refused instead.
+    missing = [unit.name for unit in units_of(spec) if unit.name not in KORNIA_TWINS]
+    if missing:
+        raise ValueError(f"the kornia peer has no twin for {', '.join(missing)} (bench/peers.py kornia_augment)")
 
     class OneHoleCutout(K.RandomErasing):
         """RandomErasing with one hole drawn by the spec's law (pipeline.params.draw_params) instead of kornia's
@@ -192,10 +204,20 @@ class PeerLoader:
             else torch.arange(n, device=self.device)
         )
         augment = self._epoch_augment(generator)
-        for b in range(len(self)):
-            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        # Augmented a chunk of whole batches at a time, as the DALI loader does (CHUNK_IMAGES), and handed out as
+        # views: per batch neither peer launches anything, so the comparison with DALI is one design against another,
+        # not chunks against per-batch launches (airbench augments the whole epoch at once).
+        batches_per_chunk = max(1, CHUNK_IMAGES // self.batch_size)
+        for first in range(0, len(self), batches_per_chunk):
+            last = min(first + batches_per_chunk, len(self))
+            rows = slice(first * self.batch_size, min(last * self.batch_size, n))
             index = order[rows]
-            yield augment(self.images[index], rows), self.labels[index]
+            x, y = augment(self.images[index], rows), self.labels[index]
+            for b in range(last - first):
+                yield (
+                    x[b * self.batch_size : (b + 1) * self.batch_size],
+                    y[b * self.batch_size : (b + 1) * self.batch_size],
+                )
 
     def _epoch_augment(self, generator: torch.Generator) -> Callable[[torch.Tensor, slice], torch.Tensor]:
         """The function that augments the batch at `rows` of this epoch's order."""

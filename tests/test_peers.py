@@ -147,3 +147,14 @@ def test_kornia_peer_is_refused_without_kornia(monkeypatch):
     with pytest.raises(PeerUnavailable, match=r"pip install -e '\.\[bench\]'"):
         PeerLoader("kornia", smooth_images(4), np.zeros(4), 2)
     PeerLoader("torch", smooth_images(4), np.zeros(4), 2)  # plain torch needs nothing more
+
+
+def test_kornia_peer_refuses_a_unit_it_has_no_twin_for(monkeypatch):
+    """A unit added to pipeline/augs/ without a kornia twin is refused, not silently left out of the benchmark."""
+    import bench.peers
+
+    pytest.importorskip("kornia")
+    monkeypatch.setattr(bench.peers, "KORNIA_TWINS", ("ssr", "pad_crop", "cutout"))
+    with pytest.raises(ValueError, match="no twin for flip"):
+        bench.peers.kornia_augment(AugSpec(), SIZE, SIZE)
+    bench.peers.kornia_augment(AugSpec(flip_p=0.0), SIZE, SIZE)  # a spec without flip needs no twin for it

@@ -117,3 +117,23 @@ def test_predictions_come_from_the_final_evaluation(tiny_cifar, tmp_path, monkey
     accuracy = float((predictions["predicted"] == predictions["labels"]).mean())
     assert accuracy == pytest.approx(metrics["epochs"][-1]["test_acc"])
     assert metrics["wall_seconds"] >= metrics["train_seconds"]
+
+
+def test_the_checkpoint_holds_exactly_the_fields_its_reader_checks():
+    """checkpoint_contents (what is written) and CHECKPOINT_FIELDS (what load_checkpoint checks) name the same keys
+    with the same types: a key added to one alone would be written unchecked, or demanded and never written."""
+    import torch
+
+    from train.checkpoint import CHECKPOINT_FIELDS
+    from train.config import TrainConfig
+    from train.dist import Dist
+    from train.run import build_state, checkpoint_contents
+
+    for ema in (0.0, 0.99):
+        cfg = TrainConfig(ema=ema, model="dwres")
+        state = build_state(cfg, torch.device("cpu"), Dist(), total_steps=4)
+        state.history = [{"epoch": 1}]
+        contents = checkpoint_contents(state, cfg, torch.device("cpu"), run_id="r")
+        assert set(contents) == set(CHECKPOINT_FIELDS)
+        for key, value in contents.items():
+            assert isinstance(value, CHECKPOINT_FIELDS[key]), key
