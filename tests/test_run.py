@@ -50,10 +50,13 @@ def test_a_run_says_what_it_is_doing(tiny_cifar, tmp_path):
 
 @pytest.mark.slow
 def test_progress_bar_moves_every_batch(tiny_cifar, tmp_path):
-    """5 batches an epoch, fewer than the 25 between device reads: the bar still shows each one."""
+    """5 batches an epoch, fewer than the 25 between device reads: the bar still shows each one. tqdm redraws at most
+    every 0.1 s by default (its `mininterval`), so on a fast machine it may skip a count; TQDM_MININTERVAL=0 (tqdm's
+    own environment override) makes it draw every update, which is what this test asks about: that our code updates
+    the bar per batch, not per device read."""
     args = small_run_args(tiny_cifar, tmp_path / "run", "--loader", "cpu", "--epochs", "1")
     args[args.index("--no-progress")] = "--progress"
-    result = run_train(*args)
+    result = run_train(*args, env={"TQDM_MININTERVAL": "0"})
     assert result.returncode == 0, result.stderr
     for done in range(1, 6):
         assert f"| {done}/5 [" in result.stderr, f"the bar never showed {done}/5"
