@@ -22,7 +22,15 @@ import model as models
 from bench.core import LOADERS, WARMUP_BATCHES, bench_epoch, bench_loader, bench_model
 from bench.peers import PEERS, peer_available
 from pipeline import usable_cores
-from pipeline.cli import DefaultsHelpFormatter, OneLineParser, nonnegative_int, output_dir, positive_int
+from pipeline.cli import (
+    DefaultsHelpFormatter,
+    OneLineParser,
+    check_fits_in_memory,
+    one_line_on_out_of_memory,
+    output_dir,
+    positive_int,
+    worker_count,
+)
 
 # Where reports go unless --out says otherwise: a folder in the current directory, not the package's own
 # bench/results/ (that holds only the committed reports, which bench/gpu_session.sh writes with --out).
@@ -59,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--workers",
-        type=nonnegative_int,
+        type=worker_count,
         nargs="+",
         default=None,
         help="CPU loader worker counts, 0 = in the main process (default: all cores, half, a quarter)",
@@ -111,6 +119,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def sizes_fit(args: argparse.Namespace) -> None:
+    """ValueError (one line) if a batch is larger than the epoch (an epoch row would time one smaller batch, not the
+    batch size it reports) or the synthetic images could not fit in memory (uint8, 3,072 bytes each)."""
+    if max(args.batch_sizes) > args.images:
+        raise ValueError(
+            f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}: an epoch would be one smaller "
+            "batch; raise --images or lower --batch-sizes"
+        )
+    check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
+
+
 def device_slug(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -139,8 +158,14 @@ def refusal(loaders: list[str], device: torch.device, dali: bool) -> str | None:
     return None
 
 
+@one_line_on_out_of_memory("--batch-sizes or --images")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # the sizes alone can tell: before any device or data is touched
+        sizes_fit(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA GPU is visible", file=sys.stderr)
         return 2

@@ -115,10 +115,17 @@ def bench_loader(
 
 
 def training_step(
-    model_name: str, device: torch.device, *, total_steps: int, graphed: bool = False, compile_model: bool = False
+    model_name: str,
+    device: torch.device,
+    *,
+    total_steps: int,
+    steps_per_epoch: int | None = None,
+    graphed: bool = False,
+    compile_model: bool = False,
 ) -> TrainStep:
     """The training step `python -m train` uses (train/step.py: bf16 autocast on CUDA, SGD with the default
-    config's settings, the onecycle schedule over `total_steps`), on a fresh channels_last `model_name`."""
+    config's settings, the onecycle schedule over `total_steps`), on a fresh channels_last `model_name`.
+    `steps_per_epoch` (default: all `total_steps`) is the most steps between two `begin_epoch` calls."""
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
     scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
@@ -126,7 +133,7 @@ def training_step(
         torch.compile(net) if compile_model else net,
         optimizer,
         scheduler,
-        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch or total_steps,
         label_smoothing=0.0,
         amp=True,
         device=device,
@@ -191,7 +198,12 @@ def bench_epoch(
     else:
         feed = loader_for(name, images, labels, batch_size, workers, device)
     step = training_step(
-        model_name, device, total_steps=warmup + (repeats + 1) * len(feed), graphed=graphed, compile_model=compile_model
+        model_name,
+        device,
+        total_steps=warmup + (repeats + 1) * len(feed),
+        steps_per_epoch=max(len(feed), warmup),  # train_one_epoch begins an epoch per pass
+        graphed=graphed,
+        compile_model=compile_model,
     )
     if graphed:
         step.capture(*next(iter(feed)))

@@ -118,7 +118,7 @@ x, y = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10,
 name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
 loader = loader_for(name, x, y, 512, None, device)
 for graphed in ([False, True] if device.type == "cuda" else [False]):
-    step = training_step("seed", device, total_steps=4 * len(loader), graphed=graphed)
+    step = training_step("seed", device, total_steps=4 * len(loader), steps_per_epoch=len(loader), graphed=graphed)
     if graphed:
         step.capture(*next(iter(loader)))
     train_one_epoch(step, loader, epoch=0)  # warm

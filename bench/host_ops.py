@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import LOADERS, make_loader
-from pipeline.cli import OneLineParser, positive_int
+from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int
 
 # Operations that only make views, metadata or uninitialized memory: no kernel behind them (unless they call one,
 # e.g. aten::to -> aten::copy_ across devices, aten::reshape -> aten::clone of a non-contiguous tensor).
@@ -177,6 +177,7 @@ def _line(what: str, ops: Counter, dali: Counter, seconds: float, per: int) -> N
     print(f"{what}: " + "; ".join(part for part in parts if part))
 
 
+@one_line_on_out_of_memory("--images or --batch-size")
 def main(argv: list[str] | None = None) -> int:
     from pipeline.dali_loader import CHUNK_IMAGES
 
@@ -189,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         "--images", type=positive_int, default=3 * CHUNK_IMAGES, help="synthetic images per epoch (default: 3 chunks)"
     )
     args = p.parse_args(argv)
-    if args.images < args.batch_size:
-        print(
-            f"error: --batch-size {args.batch_size} with --images {args.images}: need at least one batch of images; "
-            "raise --images or lower --batch-size",
-            file=sys.stderr,
-        )
+    try:  # the sizes alone can tell: before anything is allocated
+        if args.images < args.batch_size:
+            raise ValueError(
+                f"--batch-size {args.batch_size} with --images {args.images}: need at least one batch of images; "
+                "raise --images or lower --batch-size"
+            )
+        check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)

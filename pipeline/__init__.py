@@ -21,6 +21,29 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# The most worker processes (cpu loader) or DALI threads a loader may use, per usable core. Past one per core the
+# augmentation gains nothing (every core is busy already); each DataLoader worker is also a whole process (its own
+# Python, torch and albumentations, ~200 MB), so a typo like --workers 100000 would fork until the machine runs out
+# of memory. 4x leaves room for deliberate oversubscription (workers that wait on a slow disk) and refuses the rest.
+WORKERS_PER_CORE_MAX = 4
+
+
+def check_workers(workers: int | None, name: str = "workers") -> None:
+    """Refuse a worker count a loader cannot use: negative, or more than WORKERS_PER_CORE_MAX per usable core.
+    None (the loader's default) passes. `name` is what the message calls it (a flag, for a command line).
+    Raises ValueError with one line that names the limit and why."""
+    if workers is None:
+        return
+    if workers < 0:
+        raise ValueError(f"{name} must be >= 0, got {workers}")
+    cores = usable_cores()
+    if workers > WORKERS_PER_CORE_MAX * cores:
+        raise ValueError(
+            f"{name} {workers} is more than {WORKERS_PER_CORE_MAX} per usable core ({cores} cores here: at most "
+            f"{WORKERS_PER_CORE_MAX * cores}); more buy no speed and each worker process costs memory"
+        )
+
+
 @runtime_checkable
 class Loader(Protocol):
     """What both loaders are, and all that train, bench and the gallery use of them.
@@ -59,7 +82,8 @@ def make_loader(
     `device` is CUDA, DALI's CPU operators otherwise. `spec` (default: the seed's) says how to augment and normalize;
     `train=False` means normalization only. `order` (default: shuffled from seed 0, one rank) says which images this
     rank sees and in what batches: across ranks every image comes exactly once per epoch. `workers`: DataLoader
-    worker processes (cpu) or DALI threads. Raises ValueError for a bad kind, batch size, image array or spec.
+    worker processes (cpu) or DALI threads (check_workers bounds both). Raises ValueError for a bad kind, batch
+    size, worker count, image array or spec.
     """
     spec = spec or AugSpec()
     order = order or Order()
@@ -67,6 +91,7 @@ def make_loader(
         raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    check_workers(workers)
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
@@ -84,13 +109,16 @@ def make_loader(
 __all__ = [
     "CLASSES",
     "LOADERS",
+    "WORKERS_PER_CORE_MAX",
     "AugSpec",
     "DataError",
     "Loader",
     "Order",
     "SEED_MAX",
     "check_seed",
+    "check_workers",
     "load_cifar10",
     "make_loader",
     "resolve_root",
+    "usable_cores",
 ]

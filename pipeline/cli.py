@@ -1,8 +1,9 @@
 """Command-line plumbing shared by every entry point (`python -m train`, `bench`, `bench.host_ops`,
 `pipeline.gallery`, `train.report`): one parser class and the argparse types that refuse impossible flag values.
 
-A leaf module (standard library only) in `pipeline`, the package every entry point already imports, so that no
-entry point pulls in another's dependencies to parse its flags and `pipeline` never imports `train` or `bench`.
+A leaf module (standard library only at import; torch only inside `out_of_memory`) in `pipeline`, the package every
+entry point already imports, so that no entry point pulls in another's dependencies to parse its flags and
+`pipeline` never imports `train` or `bench`.
 
 A bad value is reported the same way everywhere: one line on stderr, `error: argument --flag: what is wrong (see
 --help)`, exit code 2, before any data is read or any loader is built. The types are argparse's own extension point
@@ -12,6 +13,9 @@ A bad value is reported the same way everywhere: one line on stderr, `error: arg
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -56,13 +60,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (where 0 means something: worker processes, a seed).
+def worker_count(text: str) -> int:
+    """argparse type: a worker-process or thread count, >= 0 and at most pipeline.WORKERS_PER_CORE_MAX per usable
+    core (pipeline.check_workers, the bound every loader applies).
 
     Raises argparse.ArgumentTypeError."""
+    from pipeline import check_workers  # the package's own __init__, loaded by the time a flag is parsed
+
     value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    try:
+        check_workers(value, "")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).strip()) from None
     return value
 
 
@@ -85,3 +94,66 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. {str(path / 'out.png')!r}")
     output_dir(str(path.parent))
     return path
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's RAM in bytes (POSIX sysconf: pages x page size), None where the platform does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, an array that could not fit: more than half of this machine's RAM (half: the loader,
+    its worker processes or DALI's buffers and the model need the rest). A value near the limit can still run out of
+    memory later; this refuses the impossible ones before the kernel's out-of-memory killer ends the process without
+    a word. Raises ValueError (one line) naming `what` (the flags that set the size)."""
+    ram = physical_memory_bytes()
+    if ram is not None and nbytes > ram // 2:
+        raise ValueError(
+            f"{what} needs {nbytes / 2**30:,.1f} GiB of memory, more than half of this machine's "
+            f"{ram / 2**30:,.1f} GiB; lower it"
+        )
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation that failed: numpy's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    RuntimeError torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate memory"). Entry points turn these
+    into one line that says which flag to lower, instead of a traceback: the code is not at fault, the size is."""
+    if isinstance(err, MemoryError):
+        return True
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def out_of_memory_message(err: BaseException, flags: str) -> str:
+    """`error: out of memory (...)` in one line: the first line of what the allocator said and which flags to lower."""
+    said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"error: out of memory ({said[:200]}); lower {flags}"
+
+
+def one_line_on_out_of_memory(flags: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator for an entry point's `main(argv) -> int`: an allocation that fails anywhere in it (`out_of_memory`)
+    ends the command with one line naming `flags` (what sets the sizes) and exit code 1; every other exception
+    passes through untouched (a bug keeps its traceback)."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: object, **kwargs: object) -> int:
+            try:
+                return main(*args, **kwargs)
+            except (MemoryError, RuntimeError) as err:
+                if not out_of_memory(err):
+                    raise
+                print(out_of_memory_message(err, flags), file=sys.stderr)
+                return 1
+
+        return run
+
+    return wrap

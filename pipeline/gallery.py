@@ -23,10 +23,24 @@ import torch
 
 from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
-from pipeline.cli import OneLineParser, output_file, positive_int
+from pipeline.cli import OneLineParser, one_line_on_out_of_memory, output_file, positive_int
 from pipeline.data import CLASSES
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
+# matplotlib's Agg backend refuses to draw a figure of 2**16 pixels or more on a side ("Image size ... is too large");
+# the grid is refused before any work instead of after every draw is made.
+AGG_MAX_PX = 2**16
+
+
+def grid_fits(rows: int, columns: int) -> None:
+    """ValueError (one line) unless a grid of rows x columns cells of CELL_INCHES x DPI px fits Agg's limit."""
+    cell_px = CELL_INCHES * DPI
+    for count, size, flag in ((rows + 0.4, rows, "--images"), (columns, columns, "--draws")):
+        if count * cell_px >= AGG_MAX_PX:
+            raise ValueError(
+                f"{flag}: {size} {'rows' if flag == '--images' else 'columns'} of {cell_px:.0f} px do not fit "
+                f"matplotlib's limit of {AGG_MAX_PX} px per side; lower {flag}"
+            )
 
 
 def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int, device: str) -> np.ndarray:
@@ -74,6 +88,7 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
     plt.close(fig)
 
 
+@one_line_on_out_of_memory("--images or --draws")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu (DALI's CPU operators)")
         spec = AugSpec.from_overrides(args.aug)
         check_seed(args.seed)
+        grid_fits(args.images, 1 + 2 * args.draws + 2 * len(UNITS))
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

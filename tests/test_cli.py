@@ -128,12 +128,30 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
         # abbreviations are not a second spelling of a flag
         (["--recipe", "fast", "--epoch", "3"], "unrecognized arguments: --epoch 3"),
         (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead does nothing without --compile"),
+        # worker processes: each is a whole process, so a typo would fork until memory runs out
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--workers", "100000"], "--workers 100000 is more than 4 per usable core"),
     ],
 )
 def test_bad_flags_are_refused_in_one_line(args, message, tmp_path, capsys):
     line = refused_by_train([*args, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
     assert message in line
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "args, images",
+    [(["--batch-size", "1000000000"], 300), (["--limit-train", "100", "--batch-size", "101"], 100)],
+)
+def test_a_batch_larger_than_the_training_split_is_refused(args, images, tiny_cifar, tmp_path, capsys):
+    """Not clipped: the run would train on smaller batches than metrics.json says, at a learning rate chosen for
+    another batch size. Only the data can tell, so it comes after reading and before any loader."""
+    out = tmp_path / "out"
+    line = refused_by_train(
+        ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(out), "--device", "cpu", *args], capsys
+    )
+    assert f"is more than the {images} training images" in line and f"--batch-size {images} or less" in line
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -38,6 +38,10 @@ BENCH = [
     ["--repeats", "0"],
     ["--model-steps", "-1"],
     ["--workers", "-1"],
+    ["--workers", "100000"],
+    ["--workers", "8", "100000"],
+    ["--batch-sizes", "100000"],  # more than the 50,000 --images: one smaller batch an epoch
+    ["--images", "10000000000"],  # 28 TiB of uint8: refused before numpy tries
     ["--model", "no-such-net"],
     ["--loaders", "no-such-loader"],
     ["--what", "everything"],
@@ -68,7 +72,14 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
     assert "no CUDA GPU" in refused(main, ["--quick", "--device", "cuda"], capsys)
 
 
-HOST_OPS = [["--batch-size", "0"], ["--batch-size", "x"], ["--images", "0.5"], ["--loader", "kornia"]]
+HOST_OPS = [
+    ["--batch-size", "0"],
+    ["--batch-size", "x"],
+    ["--images", "0.5"],
+    ["--loader", "kornia"],
+    ["--images", "10000000000"],
+    ["--batch-size", "100000"],
+]
 
 
 @pytest.mark.parametrize("argv", HOST_OPS, ids=" ".join)
@@ -78,7 +89,15 @@ def test_host_ops_refuses_impossible_flags(argv, capsys):
     assert argv[0] in refused(main, argv, capsys)
 
 
-GALLERY = [["--images", "0"], ["--images", "-1"], ["--draws", "0"], ["--seed", "-1"], ["--images", "two"]]
+GALLERY = [
+    ["--images", "0"],
+    ["--images", "-1"],
+    ["--draws", "0"],
+    ["--seed", "-1"],
+    ["--images", "two"],
+    ["--images", "100000"],  # rows past matplotlib's 2**16 px per side: refused before any draw
+    ["--draws", "100000"],
+]
 
 
 @pytest.mark.parametrize("argv", GALLERY, ids=" ".join)
@@ -118,3 +137,65 @@ def test_train_uses_the_shared_one_line_parser(capsys):
 
     assert isinstance(build_parser(), OneLineParser)
     assert "--batch-size" in refused(parse_config, ["--batch-size", "zero"], capsys)
+
+
+# --- an allocation that fails is one line, not a traceback, in every entry point ---
+
+
+def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(capsys):
+    from pipeline.cli import one_line_on_out_of_memory
+
+    def failing(err: BaseException):
+        @one_line_on_out_of_memory("--batch-size")
+        def main() -> int:
+            raise err
+
+        return main
+
+    for err in (
+        MemoryError("Unable to allocate 27.9 TiB for an array"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+    ):
+        assert failing(err)() == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "lower --batch-size" in lines[0]
+    for err in (RuntimeError("a bug"), ValueError("another")):
+        with pytest.raises(type(err)):
+            failing(err)()
+
+
+@pytest.mark.parametrize("entry", ["train", "bench", "host_ops", "gallery"])
+def test_every_entry_point_reports_out_of_memory_in_one_line(entry, monkeypatch, tmp_path, tiny_cifar, capsys):
+    """The allocation fails where each command makes its first big array (a loader, the first benchmark row)."""
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.00 TiB for an array")
+
+    if entry == "train":
+        import train.run
+        from train.__main__ import cli as main
+
+        monkeypatch.setattr(train.run, "make_train_loader", no_memory)
+        argv = ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    elif entry == "bench":
+        import bench.__main__
+        from bench.__main__ import main
+
+        monkeypatch.setattr(bench.__main__, "bench_model", no_memory)
+        argv = ["--quick", "--device", "cpu", "--out", str(tmp_path)]
+    elif entry == "host_ops":
+        import bench.host_ops
+        from bench.host_ops import main
+
+        monkeypatch.setattr(bench.host_ops, "make_loader", no_memory)
+        argv = ["--images", "1024", "--batch-size", "512"]
+    else:
+        import pipeline.gallery
+        from pipeline.gallery import main
+
+        monkeypatch.setattr(pipeline.gallery, "make_loader", no_memory)
+        argv = ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(tmp_path / "g.png"), "--device", "cpu"]
+    assert main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: out of memory (Unable to allocate 1.00 TiB") and "lower --" in lines[-1]

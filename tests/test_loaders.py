@@ -70,6 +70,20 @@ def test_workers_in_use_are_what_was_asked_or_the_documented_default(variant, da
     assert build_loader(variant, images, labels, 64, workers=0).workers == (0 if variant == "cpu" else 1)
 
 
+@pytest.mark.parametrize("kind", ["cpu", "dali"])
+def test_a_loader_refuses_more_workers_than_the_cores_can_use(kind, data):
+    """The bound is the loaders' own (make_loader), so every entry point and any caller of the API has it: a typo
+    such as 100000 would otherwise fork DataLoader workers until the machine ran out of memory."""
+    from pipeline import WORKERS_PER_CORE_MAX, make_loader, usable_cores
+
+    images, labels = data
+    limit = WORKERS_PER_CORE_MAX * usable_cores()
+    for workers in (limit + 1, 100_000, -1):
+        with pytest.raises(ValueError, match="workers"):
+            make_loader(kind, images, labels, 64, workers=workers)
+    assert make_loader(kind, images, labels, 64, workers=limit).workers == limit  # the limit itself is allowed
+
+
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
 @pytest.mark.parametrize("train", [False, True])
 def test_two_ranks_see_every_image_exactly_once_with_its_label(variant, train, data):

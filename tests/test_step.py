@@ -21,7 +21,9 @@ from train.step import TrainStep
 STEPS = 8
 
 
-def make_step(name: str, graphed: bool, device: str = "cpu", **overrides: object) -> TrainStep:
+def make_step(
+    name: str, graphed: bool, device: str = "cpu", *, steps_per_epoch: int = STEPS, **overrides: object
+) -> TrainStep:
     cfg = TrainConfig(**{"lr": 0.2, "warmup_frac": 0.25, "weight_decay": 5e-4, **overrides})
     torch.manual_seed(0)
     net = models.build(name).to(device).to(memory_format=torch.channels_last)
@@ -31,7 +33,7 @@ def make_step(name: str, graphed: bool, device: str = "cpu", **overrides: object
         net,
         optimizer,
         scheduler,
-        total_steps=STEPS,
+        steps_per_epoch=steps_per_epoch,
         label_smoothing=0.1,
         amp=True,
         device=torch.device(device),
@@ -138,11 +140,54 @@ def test_lr_table_follows_the_scheduler_after_a_resume():
     resumed.scheduler.load_state_dict(first.scheduler.state_dict())
     resumed.net.train()
     resumed.begin_epoch()
-    assert int(resumed.step_index) == 5
+    # the table now starts at the scheduler's step 5: its first entry is the factor of step 5, the counter at 0
+    assert int(resumed.step_index) == 0
+    assert float(resumed.lr_factors[0]) == resumed.scheduler.lr_lambdas[0](5)
     torch.manual_seed(3)
     for x, y in data[5:]:
         resumed(x, y)
     torch.testing.assert_close(resumed.net.state_dict(), whole.net.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_schedule_continues_across_epochs():
+    """Three epochs of three steps each (begin_epoch refills the lr table from the scheduler's step): the captured
+    function ends where the eager loop does, over a schedule that spans the epochs (warm-up in the first, decay
+    after)."""
+    data = batches(3)
+    eager, graphed = make_step("dwres", False), make_step("dwres", True, steps_per_epoch=3)
+    for step in (eager, graphed):
+        step.net.train()
+    for epoch in range(3):
+        for step in (eager, graphed):
+            step.begin_epoch()
+        for i, (x, y) in enumerate(data[: 3 if epoch < 2 else 2]):  # 3 + 3 + 2 = STEPS
+            for step in (eager, graphed):
+                step(x, y)
+            # as in the test above: to float32 rounding after every step, then the eager state copied over
+            for (key, a), b in zip(eager.net.state_dict().items(), graphed.net.state_dict().values(), strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=f"epoch {epoch}, step {i}: {key}")
+            copy_state(eager, graphed)
+        assert int(graphed.step_index) == (3 if epoch < 2 else 2)
+    assert eager.scheduler.last_epoch == graphed.scheduler.last_epoch == STEPS
+
+
+def test_the_lr_table_does_not_grow_with_the_run():
+    """The table holds one epoch of the schedule, however many epochs the run has: a run of 10**9 steps builds a
+    step at once (a table of the whole run would be 8 GB of float64)."""
+    cfg = TrainConfig()
+    net = models.build("dwres")
+    optimizer = make_optimizer(net, cfg)
+    step = TrainStep(
+        net,
+        optimizer,
+        make_scheduler(optimizer, cfg, 10**9),
+        steps_per_epoch=98,
+        label_smoothing=0.0,
+        amp=False,
+        device=torch.device("cpu"),
+        graphed=True,
+    )
+    assert step.lr_factors.numel() == 99
 
 
 class _Ops(TorchDispatchMode):
@@ -194,7 +239,7 @@ def test_capture_is_refused_without_cuda():
             net,
             optimizer,
             make_scheduler(optimizer, cfg, 4),
-            total_steps=4,
+            steps_per_epoch=4,
             label_smoothing=0.0,
             amp=False,
             device=torch.device("cpu"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.cli import one_line_on_out_of_memory
 from pipeline.dali_loader import DaliUnavailable
 from pipeline.data import DataError
 from train.checkpoint import CheckpointError, OutputError
@@ -19,6 +20,7 @@ from train.loop import Diverged
 from train.outdir import Interrupted, exit_code, stop_signals
 
 
+@one_line_on_out_of_memory("--batch-size (last.pt, if written, holds the last finished epoch: --resume auto)")
 def cli(argv: list[str] | None = None) -> int:
     try:
         with stop_signals():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import model
-from pipeline import LOADERS, check_seed
+from pipeline import LOADERS, check_seed, check_workers
 from pipeline.cli import DefaultsHelpFormatter, OneLineParser
 from pipeline.data import IMAGE_SHAPE
 from pipeline.spec import AugSpec
@@ -274,7 +274,6 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}"),
         (cfg.limit_train >= 0, f"--limit-train must be >= 0, got {cfg.limit_train}"),
-        (cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
         (
             cfg.compile or cfg.compile_mode == "default",
@@ -295,6 +294,7 @@ def validate(cfg: TrainConfig) -> None:
     try:
         cfg.aug_spec()
         check_seed(cfg.seed)
+        check_workers(cfg.workers, "--workers")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

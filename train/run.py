@@ -109,7 +109,7 @@ def _run(cfg: TrainConfig, dist: Dist, device: torch.device, folder: RunFolder) 
     # wrap: compile, DDP and the training step; warm up every shape outside the timing (capturing the CUDA graph)
     inner = torch.compile(state.net, mode=compile_mode(cfg)) if cfg.compile else state.net
     train_net, eval_net = wrap(inner, state, cfg, device, dist)
-    step = make_step(train_net, state, cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
+    step = make_step(train_net, state, cfg, device, dist, steps_per_epoch=len(train_loader))
     log(dist, describe_run(cfg, state, step, data, dist))
     sizes = batch_sizes(len(data.train_x), cfg.batch_size // dist.world_size, rank_order(cfg, dist))
     warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history), sizes)
@@ -226,6 +226,13 @@ def load_data(cfg: TrainConfig, dist: Dist) -> Data:
         check_every_rank_has_an_image(len(train_x), Order(world_size=dist.world_size))
     except ValueError as err:
         raise ConfigError(f"training split (after --val-split and --limit-train): {err}") from None
+    if cfg.batch_size > len(train_x):
+        # refused, not clipped: a clipped batch would not be the batch size metrics.json records, nor the one the
+        # learning rate was chosen for
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is more than the {len(train_x)} training images (after --val-split and "
+            f"--limit-train): an epoch would be one smaller batch; use --batch-size {len(train_x)} or less"
+        )
     return Data(train_x, train_y, test_x, test_y, eval_split(cfg), root.resolve())
 
 
@@ -466,7 +473,7 @@ def wrap(
 
 
 def make_step(
-    train_net: nn.Module, state: RunState, cfg: TrainConfig, device: torch.device, dist: Dist, *, total_steps: int
+    train_net: nn.Module, state: RunState, cfg: TrainConfig, device: torch.device, dist: Dist, *, steps_per_epoch: int
 ) -> TrainStep:
     """The training step: replayed as a CUDA graph if `--cuda-graph` is on, or auto and nothing blocks it; else
     eager. The weight EMA, if any, updates after every step (eagerly, with a host sync each step: AveragedModel
@@ -477,7 +484,7 @@ def make_step(
         train_net,
         state.optimizer,
         state.scheduler,
-        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
         label_smoothing=cfg.label_smoothing,
         amp=cfg.amp,
         device=device,

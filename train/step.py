@@ -122,9 +122,10 @@ class TrainStep:
 
     eager (`graphed=False`): today's loop, unchanged: zero_grad, forward, cross-entropy, backward,
     `optimizer.step()`, `scheduler.step()`, then `after_step` (the weight EMA).
-    graphed: forward, loss, `torch.autograd.grad`, `sgd_update_` with the lr read from a device table of the whole
-    schedule, the sums and the non-finite check, captured per input shape by `capture` and replayed; batches of a
-    shape that was not captured (the last, partial batch) run the same function eagerly. The scheduler still steps
+    graphed: forward, loss, `torch.autograd.grad`, `sgd_update_` with the lr read from a device table of the
+    epoch's stretch of the schedule (`steps_per_epoch` + 1 entries, refilled by `begin_epoch`), the sums and the
+    non-finite check, captured per input shape by `capture` and replayed; batches of a shape that was not captured
+    (the last, partial batch) run the same function eagerly. The scheduler still steps
     on the host (bookkeeping only: what checkpoints and `get_last_lr` read). Needs SGD and a CUDA device.
 
     Either way `first_bad` holds the epoch's first batch whose loss was not finite (-1 if none) and `sums` the
@@ -137,7 +138,7 @@ class TrainStep:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         *,
-        total_steps: int,
+        steps_per_epoch: int,
         label_smoothing: float,
         amp: bool,
         device: torch.device,
@@ -150,23 +151,32 @@ class TrainStep:
         self.sums = Sums.zeros(device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.batch = torch.zeros((), dtype=torch.long, device=device)  # index of the next batch in the epoch
-        self.step_index = torch.zeros((), dtype=torch.long, device=device)  # optimizer steps so far (the lr table)
-        # The whole schedule as a table the graph indexes: the scheduler's own lambda, so there is one schedule. One
-        # entry more than there are steps, and a clamped index, so a counter past the end can never read outside it.
-        factors = [scheduler.lr_lambdas[0](s) for s in range(total_steps + 1)]
-        self.lr_factors = torch.tensor(factors, dtype=torch.float64, device=device)
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)  # optimizer steps into this epoch
+        # This epoch's stretch of the schedule as a table the graph indexes: the scheduler's own lambda, so there is
+        # one schedule. One epoch, not the whole run: its size must not grow with --epochs (a table of every step
+        # of 10**6 epochs would be gigabytes); begin_epoch refills it in place (the graph holds its address). One
+        # entry more than an epoch has steps, and a clamped index, so the counter can never read outside it.
+        self.lr_factors = torch.zeros(steps_per_epoch + 1, dtype=torch.float64, device=device)
+        self._load_lr_window()
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         if graphed and not isinstance(optimizer, torch.optim.SGD):
             raise ValueError("the captured training step implements SGD only")
 
     def begin_epoch(self) -> None:
-        """Zero the sums and the batch counter, forget the non-finite marker, point the lr table at the
-        scheduler's step (after a resume too)."""
+        """Zero the sums and the batch counter, forget the non-finite marker, load the lr table with the schedule
+        from the scheduler's step on (after a resume too) and point the step counter at its start. One host-to-device
+        copy of (steps_per_epoch + 1) float64 values, at the epoch boundary only."""
         self.sums.reset()
         self.first_bad.fill_(-1)
         self.batch.zero_()
-        self.step_index.fill_(self.scheduler.last_epoch)
+        self._load_lr_window()
+        self.step_index.zero_()
+
+    def _load_lr_window(self) -> None:
+        start = self.scheduler.last_epoch  # LambdaLR's count of steps taken
+        factors = [self.scheduler.lr_lambdas[0](start + i) for i in range(len(self.lr_factors))]
+        self.lr_factors.copy_(torch.tensor(factors, dtype=torch.float64))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if not self.graphed:
