@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=worker_count,
         nargs="+",
         default=None,
-        help="CPU loader worker counts, 0 = in the main process (default: all cores, half, a quarter)",
+        help="CPU loader worker counts, 0 = in the main process, at most 4 per usable core (default: all cores, half, "
+        "a quarter)",
     )
     p.add_argument(
         "--what",

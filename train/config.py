@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.workers,
         help="--loader cpu: DataLoader worker processes (0 = in the main process; default: every usable core); "
-        "--loader dali: DALI's CPU threads (at least 1; default: 4 on a GPU, every usable core in DALI's CPU mode). "
+        "--loader dali: DALI's CPU threads (at least 1; default: 4 on a GPU, every usable core in DALI's CPU mode); "
+        "at most 4 per usable core. "
         "metrics.json records the number used (resolved.workers)",
     )
     a(
