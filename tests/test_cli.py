@@ -257,6 +257,8 @@ def test_data_dir_from_environment(tiny_cifar, tmp_path):
         "cpu",
         "--limit-train",
         "64",
+        "--batch-size",
+        "32",  # at most the 64 images: a larger batch is refused
         "--device",
         "cpu",
         env={"CIFAR10_ROOT": tiny_cifar},
