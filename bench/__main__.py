@@ -31,6 +31,7 @@ from pipeline.cli import (
     positive_int,
     worker_count,
 )
+from train.config import COMPILE_MODES
 
 # Where reports go unless --out says otherwise: a folder in the current directory, not the package's own
 # bench/results/ (that holds only the committed reports, which bench/gpu_session.sh writes with --out).
@@ -84,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", default="seed", choices=models.model_names(), help="network for the model and epoch measurements"
     )
     p.add_argument("--compile", action="store_true", help="also measure the model step under torch.compile")
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile's mode for --compile (reduce-overhead: torch's own CUDA graphs, the alternative to "
+        "--steps graph; CUDA only)",
+    )
     p.add_argument(
         "--steps",
         nargs="+",
@@ -178,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     steps = args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    if args.compile_mode != "default" and not args.compile:
+        print(
+            f"error: --compile-mode {args.compile_mode} does nothing without --compile; add --compile", file=sys.stderr
+        )
+        return 2
+    if device.type != "cuda" and args.compile and args.compile_mode == "reduce-overhead":
+        print("error: --compile-mode reduce-overhead replays CUDA graphs, which need a CUDA GPU", file=sys.stderr)
+        return 2
     if device.type != "cuda" and "graph" in steps:
         print("error: --steps graph needs a CUDA GPU (a CUDA graph replays GPU work)", file=sys.stderr)
         return 2
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         row = result.row()
         results.append(row)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
-        name = row["loader"] + (" compiled" if row["compiled"] else "")
+        name = row["loader"] + (f" {row['compile_mode']}" if row["compiled"] else "")
         print(
             f"{row['what']:6s} {name:11s} bs {row['batch_size']:5d} "
             f"workers {row['workers'] if row['workers'] is not None else '-':>3} step {row['step'] or '-':5s} "
@@ -226,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             for kind in steps:
                 record(bench_model(args.model, bs, device, steps=args.model_steps, graphed=kind == "graph", **timing))
             if args.compile:
-                record(bench_model(args.model, bs, device, steps=args.model_steps, compile_model=True, **timing))
+                record(
+                    bench_model(
+                        args.model, bs, device, steps=args.model_steps, compile_mode=args.compile_mode, **timing
+                    )
+                )
         if "loader" in args.what:
             for name in loaders:
                 for w in workers if name == "cpu" else [threads(name)]:

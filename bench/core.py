@@ -39,7 +39,8 @@ class Result:
     images: int  # images per timed repeat
     seconds: list[float] = field(default_factory=list)
     step: str | None = None  # "eager" | "graph" (train/step.py) for model and epoch rows; None for loaders alone
-    compiled: bool = False  # the model ran under torch.compile
+    compile_mode: str | None = None  # the model ran under torch.compile(mode=...); None: not compiled
+    warmup_s: float | None = None  # the untimed warm-up (with capture or compilation), seconds: what a run pays once
 
     def row(self) -> dict:
         median = statistics.median(self.seconds)
@@ -57,7 +58,9 @@ class Result:
             "seconds": self.seconds,
             "repeats": len(self.seconds),
             "step": self.step,
-            "compiled": self.compiled,
+            "compiled": self.compile_mode is not None,
+            "compile_mode": self.compile_mode,
+            "warmup_s": self.warmup_s,
         }
 
 
@@ -121,16 +124,17 @@ def training_step(
     total_steps: int,
     steps_per_epoch: int | None = None,
     graphed: bool = False,
-    compile_model: bool = False,
+    compile_mode: str | None = None,
 ) -> TrainStep:
     """The training step `python -m train` uses (train/step.py: bf16 autocast on CUDA, SGD with the default
     config's settings, the onecycle schedule over `total_steps`), on a fresh channels_last `model_name`.
-    `steps_per_epoch` (default: all `total_steps`) is the most steps between two `begin_epoch` calls."""
+    `steps_per_epoch` (default: all `total_steps`) is the most steps between two `begin_epoch` calls; `compile_mode`
+    (torch.compile's mode) compiles the network, None leaves it eager."""
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
     scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
     return TrainStep(
-        torch.compile(net) if compile_model else net,
+        torch.compile(net, mode=compile_mode) if compile_mode else net,
         optimizer,
         scheduler,
         steps_per_epoch=steps_per_epoch or total_steps,
@@ -147,29 +151,43 @@ def bench_model(
     device: torch.device,
     repeats: int,
     steps: int,
-    compile_model: bool = False,
+    compile_mode: str | None = None,
     graphed: bool = False,
     warmup: int = WARMUP_BATCHES,
 ) -> Result:
     """Training steps per second on one batch already on the device: the ceiling any loader can reach, after
-    `warmup` untimed steps. `graphed` replays the step as a CUDA graph (captured before the timing)."""
+    `warmup` untimed steps. `graphed` replays the step as a CUDA graph (captured before the timing); `compile_mode`
+    runs the network under torch.compile(mode=...) instead ("reduce-overhead": torch's own CUDA graphs of the
+    compiled forward and backward). The row's `warmup_s` is the capture or compilation plus the warm-up steps."""
     step = training_step(
-        model_name, device, total_steps=warmup + repeats * steps, graphed=graphed, compile_model=compile_model
+        model_name, device, total_steps=warmup + repeats * steps, graphed=graphed, compile_mode=compile_mode
     )
     x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    if graphed:
-        step.capture(x, y)
 
     def run(n: int) -> None:
         for _ in range(n):
             step(x, y)
 
-    step.net.train()
-    step.begin_epoch()
-    run(warmup)
+    def warm() -> None:
+        if graphed:
+            step.capture(x, y)
+        step.net.train()
+        step.begin_epoch()
+        run(warmup)
+
+    warmup_s = timed(device, warm)
     kind = "graph" if graphed else "eager"
-    result = Result("model", MODEL_ONLY, batch_size, None, steps * batch_size, step=kind, compiled=compile_model)
+    result = Result(
+        "model",
+        MODEL_ONLY,
+        batch_size,
+        None,
+        steps * batch_size,
+        step=kind,
+        compile_mode=compile_mode,
+        warmup_s=warmup_s,
+    )
     for _ in range(repeats):
         result.seconds.append(timed(device, lambda: run(steps)))
     return result
@@ -184,7 +202,7 @@ def bench_epoch(
     workers: int | None,
     device: torch.device,
     repeats: int,
-    compile_model: bool = False,
+    compile_mode: str | None = None,
     graphed: bool = False,
     warmup: int = WARMUP_BATCHES,
 ) -> Result:
@@ -203,13 +221,13 @@ def bench_epoch(
         total_steps=warmup + (repeats + 1) * len(feed),
         steps_per_epoch=max(len(feed), warmup),  # train_one_epoch begins an epoch per pass
         graphed=graphed,
-        compile_model=compile_model,
+        compile_mode=compile_mode,
     )
     if graphed:
         step.capture(*next(iter(feed)))
     train_one_epoch(step, _Take(feed, warmup), epoch=0)  # warm-up
     kind = "graph" if graphed else "eager"
-    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step=kind, compiled=compile_model)
+    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step=kind, compile_mode=compile_mode)
     for _ in range(repeats):
         result.seconds.append(train_one_epoch(step, feed, epoch=0)["seconds"])
     return result

@@ -17,6 +17,8 @@
 #             both steps (the same step on both sides of every ratio); bs 128/512/2048
 #   bench-cpu epochs fed by the CPU-side loaders (albumentations, DALI CPU mode), eager step only (loader-bound)
 #   dwres     dwres's step alone, eager and graph, bs 128/512/1024/2048 (the fast recipe's ceiling)
+#   compile   dwres's step at bs 512: our captured graph vs torch.compile(mode="reduce-overhead"), with the seconds
+#             each takes to capture or compile (warmup_s)
 #   profile   where a DALI-fed epoch's time goes (torch profiler summary), in case a target is missed
 # PHASES=recipe (about 5 minutes)
 #   search    the fast recipe re-chosen on a 5,000-image validation split, never the test set: epochs from dwres's
@@ -60,11 +62,12 @@ phase() {  # phase NAME SECONDS command...: run in a new process group, with a l
 if [ "$QUICK" = 1 ]; then
   SMALL=(--allow-small-data --limit-train 1024) VAL=256 DEVICE=cpu SEED_EPOCHS=1 FAST_CAP=1
   BENCH=(--quick) BENCH_SIZES=(--batch-sizes 64) DWRES_SIZES=(--batch-sizes 64) SEARCH_BS="128" SEARCH_LRS="0.4"
-  STEPS=(--steps eager) PROFILE_IMAGES=1024
+  STEPS=(--steps eager) PROFILE_IMAGES=1024 COMPILE_BS=64 COMPILE_MODE=default
 else
   SMALL=() VAL=5000 DEVICE=cuda SEED_EPOCHS=60 FAST_CAP=40
   BENCH=() BENCH_SIZES=(--batch-sizes 128 512 2048) DWRES_SIZES=(--batch-sizes 128 512 1024 2048)
   SEARCH_BS="512 1024" SEARCH_LRS="0.4 0.8 1.6" STEPS=(--steps eager graph) PROFILE_IMAGES=50000
+  COMPILE_BS=512 COMPILE_MODE=reduce-overhead
 fi
 # (paths must not contain spaces: COMMON is split on them in the side-by-side phases)
 COMMON="--data-dir $DATA --device $DEVICE --no-progress --overwrite ${SMALL[*]}"
@@ -108,6 +111,11 @@ phase bench-cpu 120 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" --steps eag
   --loaders cpu dali-cpu --what epoch
 phase dwres 60 "$PY" -m bench "${BENCH[@]}" "${DWRES_SIZES[@]}" "${STEPS[@]}" --what model --model dwres \
   --out "$OUT/bench-dwres"
+# the issue's choice between the two ways to replay the step: our torch.cuda.graph capture (--steps graph) against
+# torch.compile(mode="reduce-overhead") of the network (torch's own CUDA graphs), dwres at the fast recipe's batch;
+# each row's warmup_s is its capture or compilation (what a 7-second run pays once)
+phase compile 150 "$PY" -m bench "${BENCH[@]}" --batch-sizes "${COMPILE_BS}" "${STEPS[@]}" --what model \
+  --model dwres --compile --compile-mode "${COMPILE_MODE}" --out "$OUT/bench-compile"
 phase profile 60 "$PY" - "$DEVICE" "$OUT/logs/profile-dali-epoch.txt" "$PROFILE_IMAGES" <<'PY'
 import sys, numpy as np, torch
 from bench.core import loader_for, training_step

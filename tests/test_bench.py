@@ -57,6 +57,9 @@ def test_bench_quick_writes_json_and_png(tmp_path):
         assert {"what", "loader", "batch_size", "workers", "img_per_s", "epoch_s", "repeats"} <= set(row)
         assert row["img_per_s"] > 0 and row["batch_size"] == 32
         assert (row["epoch_s"] is not None) == (row["what"] == "epoch")
+        assert row["compiled"] is False and row["compile_mode"] is None
+    for row in report["results"]:  # the model rows say what their warm-up (capture, compilation) cost
+        assert (row["warmup_s"] is not None and row["warmup_s"] > 0) == (row["what"] == "model")
     png = report_path.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "img/s" in result.stdout

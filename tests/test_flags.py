@@ -47,6 +47,8 @@ BENCH = [
     ["--what", "everything"],
     ["--device", "tpu"],
     ["--steps", "warp"],
+    ["--compile-mode", "reduce-overhead"],  # without --compile it would do nothing
+    ["--compile-mode", "max-autotune"],
 ]
 
 
@@ -70,6 +72,8 @@ def test_bench_refuses_cuda_without_a_gpu(capsys):
     from bench.__main__ import main
 
     assert "no CUDA GPU" in refused(main, ["--quick", "--device", "cuda"], capsys)
+    argv = ["--quick", "--device", "cpu", "--compile", "--compile-mode", "reduce-overhead"]
+    assert "need a CUDA GPU" in refused(main, argv, capsys)
 
 
 HOST_OPS = [
