@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader", choices=LOADERS, default="dali", help="loader to count (default: dali)")
     p.add_argument("--batch-size", type=positive_int, default=512, help="images per batch (default: 512)")
     p.add_argument(
-        "--images", type=positive_int, default=3 * CHUNK_IMAGES, help="synthetic images per epoch (default: 3 chunks)"
+        "--images",
+        type=positive_int,
+        default=3 * CHUNK_IMAGES,
+        help=f"synthetic images per epoch (default: {3 * CHUNK_IMAGES:,}: 3 GPU chunks, 6 in DALI's CPU mode)",
     )
     args = p.parse_args(argv)
     try:  # the sizes alone can tell: before anything is allocated

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from pipeline.data import write_cifar10
+
+# The environment the tests run in, the same on every machine (every subprocess inherits it). Removed: what would
+# change what the code under test does or prints (torchrun's variables would make every run a rank of a job; tqdm
+# reads any TQDM_* as a default: TQDM_DISABLE=1 or TQDM_MININTERVAL=5, as CI jobs set, hide the bar or its counts).
+# Set: the terminal width that argparse's help and tqdm's bar (stderr a pipe) are laid out for, so wrapping and
+# trimming do not depend on the terminal pytest was started from. A test that needs a variable sets it itself.
+HERMETIC_UNSET = (
+    "CIFAR10_ROOT",
+    "TRAIN_DIST_TIMEOUT_S",
+    "TRAIN_TEST_KILL_AFTER",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+HERMETIC_SET = {"COLUMNS": "120", "LINES": "40"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in [*HERMETIC_UNSET, *(n for n in os.environ if n.upper().startswith("TQDM_"))]:
+        os.environ.pop(name, None)
+    os.environ.update(HERMETIC_SET)
 
 
 def smooth_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:

@@ -432,5 +432,5 @@ def test_help_gives_each_default_once_and_never_none():
         text = " ".join(option.split())
         assert text.count("(default:") + text.count("default:") <= 2, text  # "(default: x)" once, or said in words
         assert "(default: None)" not in text and "(default: False)" not in text, text
-    workers = next(o for o in options if o.startswith("--workers"))
-    assert "every usable core" in " ".join(workers.split()) and "all cores / 4" not in workers
+    workers = " ".join(next(o for o in options if o.startswith("--workers")).split())  # as one line, unwrapped
+    assert "every usable core" in workers and "all cores / 4" not in workers

@@ -289,8 +289,9 @@ class _Plain:
     pass
 
 
-_reconstruct = np._core.multiarray._reconstruct
-_frombuffer = np._core.numeric._frombuffer
+_numpy_core = getattr(np, "_core", None) or np.core  # numpy 2, or numpy 1 (pyproject: numpy>=1.24; both are read)
+_reconstruct = _numpy_core.multiarray._reconstruct
+_frombuffer = _numpy_core.numeric._frombuffer
 MALICIOUS = {
     "os.system": _Call(os.system, "echo pwned"),
     "eval": _Call(eval, "__import__('os').system('echo pwned')"),

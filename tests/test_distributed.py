@@ -33,11 +33,16 @@ def free_port() -> int:
 
 
 def torchrun(
-    port: int, out: Path, data: str, *args: str, popen: bool = False, log_dir: Path | None = None
+    port: int | None, out: Path, data: str, *args: str, popen: bool = False, log_dir: Path | None = None
 ) -> subprocess.CompletedProcess | subprocess.Popen:
     """2 ranks of `python -m train` on one node; with `log_dir`, each rank's stdout and stderr go to files there
-    (read them with `rank_stderr`) instead of mixing with torchrun's own report."""
-    launcher = ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    (read them with `rank_stderr`) instead of mixing with torchrun's own report. `port` None: torchrun's standalone
+    rendezvous binds a free port itself (no window in which another process can take a port picked beforehand)."""
+    launcher = ["--nnodes", "1", "--nproc_per_node", "2"]
+    if port is None:
+        launcher += ["--standalone"]
+    else:
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
     if log_dir is not None:
         launcher += ["--log-dir", str(log_dir), "--redirects", "3"]
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, *train_args(out, data, *args)]
@@ -101,7 +106,7 @@ def odd_cifar(tmp_path_factory) -> str:
 @pytest.mark.parametrize("loader", ["cpu", "dali"])
 def test_two_rank_run(loader, odd_cifar, tmp_path):
     out = tmp_path / "run"
-    result = torchrun(free_port(), out, odd_cifar, "--loader", loader, "--epochs", "2")
+    result = torchrun(None, out, odd_cifar, "--loader", loader, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["env"]["world_size"] == 2
@@ -124,8 +129,8 @@ def test_two_rank_run(loader, odd_cifar, tmp_path):
     assert result.stdout.count("epoch 1/2:") == 1  # rank 0 alone reports
 
 
-def _rank_main(rank: int, port: int, variant: str, queue) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank_main(rank: int, store: str, variant: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         images, labels = indexed_images(N_TRAIN), np.arange(N_TRAIN) % 10
         seen = []
@@ -152,10 +157,11 @@ def _rank_main(rank: int, port: int, variant: str, queue) -> None:
 
 
 @pytest.mark.parametrize("variant", ["cpu", "dali-per-image"])
-def test_ranks_read_disjoint_shards_that_cover_the_data(variant):
+def test_ranks_read_disjoint_shards_that_cover_the_data(variant, tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_rank_main, args=(free_port(), variant, queue), nprocs=2, start_method="spawn")
+    store = tmp_path / "store"  # a file rendezvous: no port to race for
+    mp.start_processes(_rank_main, args=(str(store), variant, queue), nprocs=2, start_method="spawn")
     (rank0, rank1), weights = queue.get()
     for epoch in range(2):
         a, b = set(rank0[epoch]), set(rank1[epoch])
@@ -182,9 +188,9 @@ def test_a_dying_rank_ends_the_job_and_the_port_is_reusable(odd_cifar, tmp_path)
     port = free_port()
     proc = torchrun(port, tmp_path / "killed", odd_cifar, "--loader", "cpu", "--epochs", "200", popen=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.monotonic() + 240
         while not (tmp_path / "killed" / "metrics.json").exists():
-            assert time.time() < deadline and proc.poll() is None, "the run did not start"
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
             time.sleep(0.5)
         ranks = {}
         for pid in _child_pids(proc.pid):
@@ -200,9 +206,9 @@ def test_a_dying_rank_ends_the_job_and_the_port_is_reusable(odd_cifar, tmp_path)
     assert proc.returncode != 0
     assert "exitcode" in stderr and "-9" in stderr  # torchrun names the rank that died and how
     for pid in ranks.values():  # the job is over: no rank may linger (a hung survivor would be the bug)
-        deadline = time.time() + 30
+        deadline = time.monotonic() + 30
         while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
-            assert time.time() < deadline, f"rank process {pid} outlived the job"
+            assert time.monotonic() < deadline, f"rank process {pid} outlived the job"
             time.sleep(0.2)
     again = torchrun(port, tmp_path / "again", odd_cifar, "--loader", "cpu", "--epochs", "1")
     assert again.returncode == 0, again.stderr[-6000:]
@@ -226,7 +232,7 @@ def test_a_dying_rank_ends_the_job_and_the_port_is_reusable(odd_cifar, tmp_path)
 )
 def test_settings_this_world_cannot_run_are_one_line_on_every_rank(args, data, message, odd_cifar, tmp_path):
     logs = tmp_path / "logs"
-    result = torchrun(free_port(), tmp_path / "out", data or odd_cifar, *args, log_dir=logs)
+    result = torchrun(None, tmp_path / "out", data or odd_cifar, *args, log_dir=logs)
     assert result.returncode != 0
     stderr = rank_stderr(logs)
     assert sorted(stderr) == [0, 1], result.stderr[-3000:]
@@ -236,11 +242,11 @@ def test_settings_this_world_cannot_run_are_one_line_on_every_rank(args, data, m
     assert not (tmp_path / "out").exists()
 
 
-def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -> None:
+def _agreement_main(rank: int, store: str, counts: list[dict[str, int]], queue) -> None:
     from train.config import ConfigError
     from train.dist import Dist, require_agreement
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         require_agreement(counts[rank], torch.device("cpu"), Dist(rank, 2, rank))
         queue.put((rank, None))
@@ -261,10 +267,11 @@ def _agreement_main(rank: int, port: int, counts: list[dict[str, int]], queue) -
         ([{"images": 300, "batches": 3}, {"images": 301, "batches": 3}], "disagree on the images (300 to 301)"),
     ],
 )
-def test_ranks_that_would_run_different_step_counts_are_refused_on_every_rank(counts, disagreement):
+def test_ranks_that_would_run_different_step_counts_are_refused_on_every_rank(counts, disagreement, tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_agreement_main, args=(free_port(), counts, queue), nprocs=2, start_method="spawn")
+    store = str(tmp_path / "store")  # a file rendezvous: no port to race for
+    mp.start_processes(_agreement_main, args=(store, counts, queue), nprocs=2, start_method="spawn")
     errors = dict(queue.get() for _ in range(2))
     if disagreement is None:
         assert errors == {0: None, 1: None}
@@ -279,7 +286,7 @@ def test_shards_straddling_a_batch_boundary_train_without_join(odd_cifar, tmp_pa
     and 2 on rank 1 (rank 0's third step would wait for rank 1 forever without DDP's Join, which is gone); counted on
     the smallest shard (pipeline.order) it is 2 on each, rank 0's last batch holding 33 images."""
     out = tmp_path / "run"
-    result = torchrun(free_port(), out, odd_cifar, "--loader", "cpu", "--epochs", "2", "--limit-train", "129")
+    result = torchrun(None, out, odd_cifar, "--loader", "cpu", "--epochs", "2", "--limit-train", "129")
     assert result.returncode == 0, result.stderr[-3000:]
     for epoch in json.loads((out / "metrics.json").read_text())["epochs"]:
         assert epoch["images"] == 129 and epoch["ranks_in_sync"] is True
@@ -341,7 +348,7 @@ def _wait_for_port(port: int, deadline: float) -> None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        assert time.time() < deadline, "the first torchrun agent never listened"
+        assert time.monotonic() < deadline, "the first torchrun agent never listened"
         time.sleep(0.2)
 
 
@@ -372,10 +379,11 @@ def _two_nodes(tmp_path: Path, data: str, timeout_s: int) -> tuple[list[subproce
                 )
             )
         if node == 0:
-            _wait_for_port(port, time.time() + 120)
-    deadline = time.time() + 300
+            _wait_for_port(port, time.monotonic() + 120)
+    deadline = time.monotonic() + 300
     while not (tmp_path / "run" / "metrics.json").exists():
-        assert time.time() < deadline and all(a.poll() is None for a in agents), (tmp_path / "agent0.txt").read_text()
+        alive = all(a.poll() is None for a in agents)
+        assert time.monotonic() < deadline and alive, (tmp_path / "agent0.txt").read_text()
         time.sleep(0.5)
     return agents, tmp_path / "logs0"
 
@@ -395,7 +403,7 @@ def test_the_survivor_of_a_lost_peer_says_so_in_one_line(failure, odd_cifar, tmp
     agents, survivor_logs = _two_nodes(tmp_path, odd_cifar, timeout_s)
     workers = _child_pids(agents[1].pid)
     try:
-        start = time.time()
+        start = time.monotonic()  # elapsed times: a clock that NTP cannot step
         if failure == "node killed":  # the whole node: its agent and its rank
             for pid in [*workers, agents[1].pid]:
                 os.kill(pid, signal.SIGKILL)
@@ -403,7 +411,7 @@ def test_the_survivor_of_a_lost_peer_says_so_in_one_line(failure, odd_cifar, tmp
             for pid in workers:
                 os.kill(pid, signal.SIGSTOP)
         agents[0].wait(timeout=timeout_s + 120)  # no hang
-        elapsed = time.time() - start
+        elapsed = time.monotonic() - start
     finally:
         _end(agents, workers)
     assert agents[0].returncode != 0

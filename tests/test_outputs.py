@@ -127,8 +127,8 @@ import train.run
 from train.__main__ import cli
 original, gate = train.run.train_and_evaluate, Path(sys.argv[1])
 def held(*args, **kwargs):
-    deadline = time.time() + 240
-    while not gate.exists() and time.time() < deadline:  # the test lets the run go on
+    deadline = time.monotonic() + 240
+    while not gate.exists() and time.monotonic() < deadline:  # the test lets the run go on
         time.sleep(0.05)
     return original(*args, **kwargs)
 train.run.train_and_evaluate = held
@@ -169,7 +169,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys
 def test_a_torchrun_job_on_a_folder_in_use_is_refused_on_every_rank(tiny_cifar, tmp_path):
     import fcntl
 
-    from test_distributed import free_port, torchrun
+    from test_distributed import torchrun
 
     out = tmp_path / "run"
     out.mkdir()
@@ -177,7 +177,7 @@ def test_a_torchrun_job_on_a_folder_in_use_is_refused_on_every_rank(tiny_cifar, 
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write(f"{os.getpid()}\n")
         held.flush()
-        result = torchrun(free_port(), out, tiny_cifar, "--loader", "cpu", "--epochs", "1")
+        result = torchrun(None, out, tiny_cifar, "--loader", "cpu", "--epochs", "1")
     assert result.returncode != 0
     refusal = f"error: --out {out} is in use by another run (pid {os.getpid()})"
     assert result.stderr.count(refusal) == 2  # rank 0 found it, rank 1 heard it: nobody waits for the other

@@ -37,9 +37,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, 
     proc = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
-    deadline = time.time() + 240
+    deadline = time.monotonic() + 240
     while not (out / "metrics.json").exists() or len(epochs_of(out)) < 2:
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # in epoch 3, with epochs 1-2 saved
     proc.wait()

@@ -52,8 +52,9 @@ def test_a_run_says_what_it_is_doing(tiny_cifar, tmp_path):
 def test_progress_bar_moves_every_batch(tiny_cifar, tmp_path):
     """5 batches an epoch, fewer than the 25 between device reads: the bar still shows each one. tqdm redraws at most
     every 0.1 s by default (its `mininterval`), so on a fast machine it may skip a count; TQDM_MININTERVAL=0 (tqdm's
-    own environment override) makes it draw every update, which is what this test asks about: that our code updates
-    the bar per batch, not per device read."""
+    own environment override, tqdm >= 4.66) makes it draw every update, which is what this test asks about: that our
+    code updates the bar per batch, not per device read. Any other TQDM_* of the caller's environment is removed and
+    the width fixed (tests/conftest.py), so the bar is drawn the same way on every machine."""
     args = small_run_args(tiny_cifar, tmp_path / "run", "--loader", "cpu", "--epochs", "1")
     args[args.index("--no-progress")] = "--progress"
     result = run_train(*args, env={"TQDM_MININTERVAL": "0"})
