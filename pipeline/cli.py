@@ -13,10 +13,14 @@ A bad value is reported the same way everywhere: one line on stderr, `error: arg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,10 +100,44 @@ def output_file(text: str) -> Path:
     return path
 
 
+def writable_folder(path: Path, flag: str) -> None:
+    """Create folder `path` if it is missing and prove it writable (a file made and removed there), before any work:
+    a read-only or full file system, or one where the user may not write, is one line then, not a traceback after the
+    measurements or draws the command was run for. Raises ValueError (one line naming `flag`)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_whole(path / ".write-check", lambda f: f.write(b"\0"))
+        os.unlink(path / ".write-check")
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {str(path)!r}: cannot write there ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+
+
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write file `path` whole or not at all: `write(f)` fills a new file beside it, which is fsynced and renamed
+    onto `path` (an existing `path`, a symbolic link too, is replaced, never written through). A kill or a full disk
+    leaves the previous file or none, never half of one. (The entry points outside `train`, which must not import
+    it, use this; train/checkpoint.py's `atomic_write` adds the folder fsync and the run folder's bookkeeping.)
+
+    Raises OSError (after removing the new file) when the system refuses; other exceptions propagate unchanged."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.partial"
+    # O_EXCL: never an existing file or link; mode 0o666, so that the umask gives the mode open() would have given
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with open(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the folder went away or read-only: the first error says so
+            os.unlink(tmp)
+        raise
+
+
 def physical_memory_bytes() -> int | None:
     """This machine's RAM in bytes (POSIX sysconf: pages x page size), None where the platform does not say."""
-    import os
-
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):

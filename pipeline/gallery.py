@@ -23,7 +23,14 @@ import torch
 
 from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
-from pipeline.cli import OneLineParser, one_line_on_out_of_memory, output_file, positive_int
+from pipeline.cli import (
+    OneLineParser,
+    one_line_on_out_of_memory,
+    output_file,
+    positive_int,
+    writable_folder,
+    write_whole,
+)
 from pipeline.data import CLASSES
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
@@ -84,8 +91,10 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
                 ax.set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(CLASSES[labels[row]], fontsize=7)
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + 0.4), bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        write_whole(path, lambda f: fig.savefig(f, format="png", dpi=DPI))  # whole or not at all
+    finally:
+        plt.close(fig)
 
 
 @one_line_on_out_of_memory("--images or --draws")
@@ -109,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         check_seed(args.seed)
         grid_fits(args.images, 1 + 2 * args.draws + 2 * len(UNITS))
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
+        writable_folder(args.out.parent, "--out")  # before the draws, not after them
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         only = alone(spec, unit)
         columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
         columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    render(images, labels, columns, args.out)
+    try:
+        render(images, labels, columns, args.out)
+    except OSError as err:  # the disk filled up or went read-only since the check
+        reason = err.strerror or err
+        print(f"error: could not write {args.out} ({reason}); free space or choose another --out", file=sys.stderr)
+        return 2
     print(args.out)
     return 0
 
