@@ -83,6 +83,8 @@ def output_dir(text: str) -> Path:
     """argparse type: a folder to write into (created later if missing); refused if it or a parent is a file.
 
     Raises argparse.ArgumentTypeError."""
+    if not text:  # Path("") is the current folder: an unset shell variable would write there
+        raise argparse.ArgumentTypeError("is empty; give a folder (. for the current one)")
     path = Path(text)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -93,6 +95,8 @@ def output_dir(text: str) -> Path:
 def output_file(text: str) -> Path:
     """argparse type: a file to write (its folder created later if missing); refused if it is an existing folder or
     a parent is a file. Raises argparse.ArgumentTypeError."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a file name")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. {str(path / 'out.png')!r}")
@@ -134,6 +138,15 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(OSError):  # the folder went away or read-only: the first error says so
             os.unlink(tmp)
         raise
+
+
+def given_path(text: str) -> Path:
+    """argparse type: a path to read, refused when empty (Path("") would silently be the current folder).
+
+    Raises argparse.ArgumentTypeError."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return Path(text)
 
 
 def physical_memory_bytes() -> int | None:

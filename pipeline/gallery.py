@@ -25,6 +25,7 @@ from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_l
 from pipeline.augs import UNITS, Aug
 from pipeline.cli import (
     OneLineParser,
+    given_path,
     one_line_on_out_of_memory,
     output_file,
     positive_int,
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)")
+    p.add_argument(
+        "--data-dir", type=given_path, default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)"
+    )
     p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
     p.add_argument("--out", type=output_file, default=Path("augmentations.png"), help="PNG to write")
     p.add_argument("--images", type=positive_int, default=8, help="how many training images (rows)")

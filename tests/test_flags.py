@@ -47,6 +47,7 @@ BENCH = [
     ["--what", "everything"],
     ["--device", "tpu"],
     ["--steps", "warp"],
+    ["--out", ""],  # an unset shell variable: not the current folder
 ]
 
 
@@ -97,6 +98,7 @@ GALLERY = [
     ["--images", "two"],
     ["--images", "100000"],  # rows past matplotlib's 2**16 px per side: refused before any draw
     ["--draws", "100000"],
+    ["--out", ""],
 ]
 
 
@@ -122,7 +124,7 @@ def test_gallery_refuses_cuda_without_a_gpu(capsys, tiny_cifar):
     assert "no CUDA GPU" in refused(main, ["--device", "cuda", "--data-dir", tiny_cifar, "--allow-small-data"], capsys)
 
 
-@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], []], ids=repr)
+@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], [], ["--out", ""]], ids=repr)
 def test_report_refuses_impossible_flags(argv, tmp_path, capsys):
     """(Run folders that are not finished runs are refused by train.report itself: tests/test_outputs.py.)"""
     from train.report import main
@@ -294,3 +296,11 @@ def test_write_whole_leaves_the_old_file_or_the_new_one(tmp_path):
     path.symlink_to(target)  # a link planted under the name is replaced, never written through
     write_whole(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and not path.is_symlink() and target.read_bytes() == b"keep"
+
+
+def test_empty_paths_to_read_are_refused(capsys, tiny_cifar):
+    from pipeline.gallery import main as gallery
+    from train.report import main as report
+
+    assert "argument runs: is empty" in refused(report, [""], capsys)
+    assert "argument --data-dir: is empty" in refused(gallery, ["--data-dir", "", "--device", "cpu"], capsys)

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.cli import OneLineParser
+from pipeline.cli import OneLineParser, given_path, output_dir
 from pipeline.data import CLASSES
 from train.checkpoint import OutputError, atomic_write
 from train.outdir import PLOT_FILES
@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.json)")
+    p.add_argument("runs", nargs="+", type=given_path, help="run folders (each with metrics.json)")
     p.add_argument(
         "--out",
-        type=Path,
+        type=output_dir,
         default=None,
         help="where to write (default: the run folder; with several runs, curves.png goes to the first)",
     )
