@@ -31,6 +31,7 @@ from pipeline.cli import (
     one_line_on_out_of_memory,
     output_dir,
     positive_int,
+    say_error,
     worker_count,
     writable_folder,
     write_whole,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the sizes alone can tell: before any device or data is touched
         sizes_fit(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA GPU is visible", file=sys.stderr)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     loaders = args.loaders or default_loaders(device, dali_version is not None)
     problem = refusal(loaders, device, dali_version is not None)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        say_error(problem)
         return 2
     steps = args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and "graph" in steps:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before any measurement: a folder it cannot write would otherwise fail after the first row
         writable_folder(args.out, "--out")
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     cores = usable_cores()
     workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
         save(out / f"{stem}.png", lambda f: plot_report(report, f), kept=len(results))
     except CannotWrite as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     print(f"wrote {out / stem}.json and .png")
     return 0

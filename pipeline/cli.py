@@ -23,6 +23,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters written as escapes (a path may hold a newline: `--out
+    $'a\\nb'`), so that an error that quotes it is still one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def say_error(message: str) -> None:
+    """Print `error: MESSAGE` on stderr as one line (`one_line`): how every entry point reports a mistake."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) and exit code 2, and flags are spelled out: no
     abbreviations (an abbreviation is a second spelling of a flag, which changes meaning as soon as another flag
@@ -33,7 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # never returns
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -186,7 +197,7 @@ def out_of_memory(err: BaseException) -> bool:
 def out_of_memory_message(err: BaseException, flags: str) -> str:
     """`error: out of memory (...)` in one line: the first line of what the allocator said and which flags to lower."""
     said = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"error: out of memory ({said[:200]}); lower {flags}"
+    return f"error: out of memory ({one_line(said[:200])}); lower {flags}"
 
 
 def one_line_on_out_of_memory(flags: str) -> Callable[[Callable[..., int]], Callable[..., int]]:

@@ -29,6 +29,7 @@ from pipeline.cli import (
     one_line_on_out_of_memory,
     output_file,
     positive_int,
+    say_error,
     writable_folder,
     write_whole,
 )
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
         writable_folder(args.out.parent, "--out")  # before the draws, not after them
     except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     images, labels = train_x[: args.images], train_y[: args.images]
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         render(images, labels, columns, args.out)
     except OSError as err:  # the disk filled up or went read-only since the check
         reason = err.strerror or err
-        print(f"error: could not write {args.out} ({reason}); free space or choose another --out", file=sys.stderr)
+        say_error(f"could not write {args.out} ({reason}); free space or choose another --out")
         return 2
     print(args.out)
     return 0

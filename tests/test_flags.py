@@ -304,3 +304,19 @@ def test_empty_paths_to_read_are_refused(capsys, tiny_cifar):
 
     assert "argument runs: is empty" in refused(report, [""], capsys)
     assert "argument --data-dir: is empty" in refused(gallery, ["--data-dir", "", "--device", "cpu"], capsys)
+
+
+def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, capsys):
+    """A path may hold a newline ($'a\\nb'); an error that quotes it escapes it, so it stays one line, everywhere."""
+    from bench.__main__ import main as bench
+    from pipeline.gallery import main as gallery
+    from train.__main__ import cli as train
+    from train.report import main as report
+
+    odd = str(tmp_path / "no\nsuch")
+    line = refused(train, ["--data-dir", odd, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert "no\\nsuch: folder not found" in line, line
+    assert "no\\nsuch" in refused(report, [odd], capsys)
+    assert "no\\nsuch: folder not found" in refused(gallery, ["--data-dir", odd, "--device", "cpu"], capsys)
+    (tmp_path / "a-file").write_text("")
+    assert "no\\nsuch" in refused(bench, ["--quick", "--out", str(tmp_path / "a-file" / "no\nsuch")], capsys)

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.cli import OneLineParser, given_path, output_dir
+from pipeline.cli import OneLineParser, given_path, output_dir, say_error
 from pipeline.data import CLASSES
 from train.checkpoint import OutputError, atomic_write
 from train.outdir import PLOT_FILES
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for run in args.runs:
         if not (run / "metrics.json").is_file():
-            print(f"error: {run}/metrics.json not found: is {run} a training run's --out?", file=sys.stderr)
+            say_error(f"{run}/metrics.json not found: is {run} a training run's --out?")
             return 2
     try:
         if len(args.runs) == 1 and args.out is None:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             raise OutputError(f"--out {out}: cannot create the folder ({err.strerror})") from None
         plot_curves(args.runs, out / "curves.png")
     except (ReportError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     print(out / "curves.png")
     return 0
