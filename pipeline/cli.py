@@ -18,6 +18,7 @@ import functools
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -121,8 +122,10 @@ def writable_folder(path: Path, flag: str) -> None:
     measurements or draws the command was run for. Raises ValueError (one line naming `flag`)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        write_whole(path / ".write-check", lambda f: f.write(b"\0"))
-        os.unlink(path / ".write-check")
+        # a fresh name (mkstemp's O_EXCL), so that no file of the user's is replaced or removed by the check
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise ValueError(
             f"{flag} {str(path)!r}: cannot write there ({err.strerror or err}); choose a folder you can write to"
