@@ -13,7 +13,9 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -29,8 +31,11 @@ from pipeline.cli import (
     one_line_on_out_of_memory,
     output_dir,
     positive_int,
+    say_error,
     worker_count,
+    writable_folder,
 )
+from pipeline.files import write_whole
 from train.config import COMPILE_MODES
 
 # Where reports go unless --out says otherwise: a folder in the current directory, not the package's own
@@ -173,29 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the sizes alone can tell: before any device or data is touched
         sizes_fit(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda: no CUDA GPU is visible", file=sys.stderr)
+        say_error("--device cuda: no CUDA GPU is visible")
         return 2
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dali_version = _dali_version()
     loaders = args.loaders or default_loaders(device, dali_version is not None)
     problem = refusal(loaders, device, dali_version is not None)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        say_error(problem)
         return 2
     steps = args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
     if args.compile_mode != "default" and not args.compile:
-        print(
-            f"error: --compile-mode {args.compile_mode} does nothing without --compile; add --compile", file=sys.stderr
-        )
+        say_error(f"--compile-mode {args.compile_mode} does nothing without --compile; add --compile")
         return 2
     if device.type != "cuda" and args.compile and args.compile_mode == "reduce-overhead":
-        print("error: --compile-mode reduce-overhead replays CUDA graphs, which need a CUDA GPU", file=sys.stderr)
+        say_error("--compile-mode reduce-overhead replays CUDA graphs, which need a CUDA GPU")
         return 2
     if device.type != "cuda" and "graph" in steps:
-        print("error: --steps graph needs a CUDA GPU (a CUDA graph replays GPU work)", file=sys.stderr)
+        say_error("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
+        return 2
+    try:  # before any measurement: a folder it cannot write would otherwise fail after the first row
+        writable_folder(args.out, "--out")
+    except ValueError as err:
+        say_error(str(err))
         return 2
     cores = usable_cores()
     workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
@@ -205,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict] = []
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     def record(result) -> None:
         row = result.row()
         results.append(row)
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))  # after every row: a cut-off run keeps its rows
+        # after every row, whole or not at all: a cut-off run keeps the rows measured so far
+        save(out / f"{stem}.json", lambda f: f.write(json.dumps(report, indent=2).encode()), kept=len(results) - 1)
         name = row["loader"] + (f" {row['compile_mode']}" if row["compiled"] else "")
         print(
             f"{row['what']:6s} {name:11s} bs {row['batch_size']:5d} "
@@ -236,34 +244,58 @@ def main(argv: list[str] | None = None) -> int:
     def threads(name: str) -> int | None:  # DALI's threads, the CPU loader's workers in an epoch; peers have none
         return None if name in PEERS else cores
 
-    timing = dict(repeats=args.repeats, warmup=args.warmup)
-    for bs in args.batch_sizes:
-        if "model" in args.what:
-            for kind in steps:
-                record(bench_model(args.model, bs, device, steps=args.model_steps, graphed=kind == "graph", **timing))
-            if args.compile:
-                record(
-                    bench_model(
-                        args.model, bs, device, steps=args.model_steps, compile_mode=args.compile_mode, **timing
-                    )
-                )
-        if "loader" in args.what:
-            for name in loaders:
-                for w in workers if name == "cpu" else [threads(name)]:
-                    record(bench_loader(name, images, labels, bs, w, device, args.repeats))
-        if "epoch" in args.what:
-            for kind in steps:
-                for name in [None, *loaders]:
-                    w = None if name is None else threads(name)
+    try:
+        timing = dict(repeats=args.repeats, warmup=args.warmup)
+        for bs in args.batch_sizes:
+            if "model" in args.what:
+                for kind in steps:
                     record(
-                        bench_epoch(name, args.model, images, labels, bs, w, device, graphed=kind == "graph", **timing)
+                        bench_model(args.model, bs, device, steps=args.model_steps, graphed=kind == "graph", **timing)
                     )
+                if args.compile:
+                    record(
+                        bench_model(
+                            args.model, bs, device, steps=args.model_steps, compile_mode=args.compile_mode, **timing
+                        )
+                    )
+            if "loader" in args.what:
+                for name in loaders:
+                    for w in workers if name == "cpu" else [threads(name)]:
+                        record(bench_loader(name, images, labels, bs, w, device, args.repeats))
+            if "epoch" in args.what:
+                for kind in steps:
+                    for name in [None, *loaders]:
+                        w = None if name is None else threads(name)
+                        record(
+                            bench_epoch(
+                                name, args.model, images, labels, bs, w, device, graphed=kind == "graph", **timing
+                            )
+                        )
+        from bench.plot import plot_report
 
-    from bench.plot import plot_report
-
-    plot_report(report, out / f"{stem}.png")
+        save(out / f"{stem}.png", lambda f: plot_report(report, f), kept=len(results))
+    except CannotWrite as err:
+        say_error(str(err))
+        return 2
     print(f"wrote {out / stem}.json and .png")
     return 0
+
+
+class CannotWrite(Exception):
+    """A report file that --out refused during the run (the disk filled up, went read-only); the message says what
+    was kept."""
+
+
+def save(path: Path, write: Callable[[BinaryIO], object], *, kept: int) -> None:
+    """`path` written whole or not at all (pipeline/files.py write_whole); CannotWrite, saying that the JSON beside it
+    holds `kept` rows, when the system refuses."""
+    try:
+        write_whole(path, write)
+    except OSError as err:
+        held = f"{path.with_suffix('.json')} holds the {kept} row(s) measured before" if kept else "no row was saved"
+        raise CannotWrite(
+            f"could not write {path} ({err.strerror or err}); {held}; free space or choose another --out"
+        ) from None
 
 
 def _dali_version() -> str | None:

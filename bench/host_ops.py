@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import LOADERS, make_loader
-from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int
+from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int, say_error
 
 # Operations that only make views, metadata or uninitialized memory: no kernel behind them (unless they call one,
 # e.g. aten::to -> aten::copy_ across devices, aten::reshape -> aten::clone of a non-contiguous tensor).
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)

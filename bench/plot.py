@@ -7,7 +7,8 @@ epoch fed from one tensor already on the device. The legends sit outside the axe
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from typing import BinaryIO
 
 import matplotlib
 
@@ -44,9 +45,9 @@ def _label(row: dict) -> str:
     return _loader_label(row) + (GRAPH if row.get("step") == "graph" else "")
 
 
-def plot_report(report: dict, path: Path) -> None:
+def plot_report(report: dict, path: str | os.PathLike | BinaryIO) -> None:
     """Draw `report` (bench's JSON: rows with what, loader, batch_size, workers, step, img_per_s) into the PNG
-    `path`."""
+    `path` (a file name, or a file open for writing)."""
     rows = [r for r in report["results"] if not r.get("compiled")]
     sizes = sorted({r["batch_size"] for r in rows})
     loader_labels = sorted({_loader_label(r) for r in rows if r["loader"] != MODEL_ONLY})
@@ -83,5 +84,5 @@ def plot_report(report: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.suptitle(f"{report['model']} net, torch {report['torch']}, DALI {report['dali']}, {report['date']}")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

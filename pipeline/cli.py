@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters written as escapes (a path may hold a newline: `--out
+    $'a\\nb'`), so that an error that quotes it is still one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def say_error(message: str) -> None:
+    """Print `error: MESSAGE` on stderr as one line (`one_line`): how every entry point reports a mistake."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -29,7 +41,7 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # never returns
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,6 +91,8 @@ def output_dir(text: str) -> Path:
     """argparse type: a folder to write into (created later if missing); refused if it or a parent is a file.
 
     Raises argparse.ArgumentTypeError."""
+    if not text:  # Path("") is the current folder: an unset shell variable would write there
+        raise argparse.ArgumentTypeError("is empty; give a folder (. for the current one)")
     path = Path(text)
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -89,6 +103,8 @@ def output_dir(text: str) -> Path:
 def output_file(text: str) -> Path:
     """argparse type: a file to write (its folder created later if missing); refused if it is an existing folder or
     a parent is a file. Raises argparse.ArgumentTypeError."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a file name")
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name, e.g. {str(path / 'out.png')!r}")
@@ -96,10 +112,31 @@ def output_file(text: str) -> Path:
     return path
 
 
+def writable_folder(path: Path, flag: str) -> None:
+    """Create folder `path` if it is missing and prove it writable (pipeline/files.py `prove_writable`), before any
+    work: a read-only or full file system, or one where the user may not write, is one line then, not a traceback
+    after the measurements or draws the command was run for. Raises ValueError (one line naming `flag`)."""
+    from pipeline.files import prove_writable
+
+    try:
+        prove_writable(path)
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {str(path)!r}: cannot write there ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+
+
+def given_path(text: str) -> Path:
+    """argparse type: a path to read, refused when empty (Path("") would silently be the current folder).
+
+    Raises argparse.ArgumentTypeError."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return Path(text)
+
+
 def physical_memory_bytes() -> int | None:
     """This machine's RAM in bytes (POSIX sysconf: pages x page size), None where the platform does not say."""
-    import os
-
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
@@ -135,7 +172,7 @@ def out_of_memory(err: BaseException) -> bool:
 def out_of_memory_message(err: BaseException, flags: str) -> str:
     """`error: out of memory (...)` in one line: the first line of what the allocator said and which flags to lower."""
     said = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"error: out of memory ({said[:200]}); lower {flags}"
+    return f"error: out of memory ({one_line(said[:200])}); lower {flags}"
 
 
 def one_line_on_out_of_memory(flags: str) -> Callable[[Callable[..., int]], Callable[..., int]]:

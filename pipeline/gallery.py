@@ -23,8 +23,17 @@ import torch
 
 from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
 from pipeline.augs import UNITS, Aug
-from pipeline.cli import OneLineParser, one_line_on_out_of_memory, output_file, positive_int
+from pipeline.cli import (
+    OneLineParser,
+    given_path,
+    one_line_on_out_of_memory,
+    output_file,
+    positive_int,
+    say_error,
+    writable_folder,
+)
 from pipeline.data import CLASSES
+from pipeline.files import write_whole
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
 # matplotlib's Agg backend refuses to draw a figure of 2**16 pixels or more on a side ("Image size ... is too large");
@@ -84,8 +93,10 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
                 ax.set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(CLASSES[labels[row]], fontsize=7)
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + 0.4), bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        write_whole(path, lambda f: fig.savefig(f, format="png", dpi=DPI))  # whole or not at all
+    finally:
+        plt.close(fig)
 
 
 @one_line_on_out_of_memory("--images or --draws")
@@ -93,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)")
+    p.add_argument(
+        "--data-dir", type=given_path, default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)"
+    )
     p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
     p.add_argument("--out", type=output_file, default=Path("augmentations.png"), help="PNG to write")
     p.add_argument("--images", type=positive_int, default=8, help="how many training images (rows)")
@@ -109,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         check_seed(args.seed)
         grid_fits(args.images, 1 + 2 * args.draws + 2 * len(UNITS))
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
+        writable_folder(args.out.parent, "--out")  # before the draws, not after them
     except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     images, labels = train_x[: args.images], train_y[: args.images]
@@ -121,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         only = alone(spec, unit)
         columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
         columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    render(images, labels, columns, args.out)
+    try:
+        render(images, labels, columns, args.out)
+    except OSError as err:  # the disk filled up or went read-only since the check
+        reason = err.strerror or err
+        say_error(f"could not write {args.out} ({reason}); free space or choose another --out")
+        return 2
     print(args.out)
     return 0
 

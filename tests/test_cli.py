@@ -106,7 +106,14 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
     [
         (["--epochs", "0"], "--epochs must be > 0"),
         (["--batch-size", "-4"], "--batch-size must be > 0"),
-        (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        # flags alone can tell: refused before the data is read, not at the first step's non-finite loss
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "1e400"], "--lr must be a finite number > 0, got inf"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+        # an empty path (an unset shell variable) is not the current folder, the default data or "no resume"
+        (["--data-dir", ""], "--data-dir is empty"),
+        (["--resume", ""], "--resume is empty"),
         (["--model", "vgg"], "--model 'vgg' is unknown"),
         (["--loader", "ffcv"], "invalid choice: 'ffcv'"),
         (["--epochs", "two"], "invalid int value: 'two'"),
@@ -137,6 +144,13 @@ def test_bad_flags_are_refused_in_one_line(args, message, tmp_path, capsys):
     line = refused_by_train([*args, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
     assert message in line
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = refused_by_train(["--out", "", "--device", "cpu"], capsys)
+    assert "--out is empty" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written where the command was run
 
 
 @pytest.mark.parametrize(

@@ -446,11 +446,39 @@ def test_more_local_ranks_than_gpus_is_refused_before_joining(monkeypatch):
         init_distributed(use_cuda=True)
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", ""])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", "", "99999999999999999999", str(7 * 24 * 3600 + 1)])
 def test_a_bad_dist_timeout_is_refused_before_joining(monkeypatch, value):
     from train.config import ConfigError
     from train.dist import init_distributed
 
     _torchrun_env(monkeypatch, TRAIN_DIST_TIMEOUT_S=value)
     with pytest.raises(ConfigError, match="TRAIN_DIST_TIMEOUT_S=.* must be a positive whole number of seconds"):
+        init_distributed(use_cuda=False)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE is 'abc', not a whole number"),
+        ({"RANK": None}, "RANK is unset, not a whole number"),
+        ({"RANK": "x"}, "RANK is 'x', not a whole number"),
+        ({"LOCAL_RANK": "1.5"}, "LOCAL_RANK is '1.5', not a whole number"),
+        ({"RANK": "5"}, "RANK=5 and LOCAL_RANK=0 do not fit WORLD_SIZE=2"),
+        ({"RANK": "-1"}, "RANK=-1 and LOCAL_RANK=0 do not fit WORLD_SIZE=2"),
+    ],
+)
+def test_torchrun_variables_that_cannot_be_are_refused_before_joining(monkeypatch, env, message):
+    """Set by hand (an exported WORLD_SIZE, a script's typo), not by torchrun: one line, not a traceback or a rank
+    that waits for peers that can never exist."""
+    from train.config import ConfigError
+    from train.dist import init_distributed
+
+    _torchrun_env(monkeypatch)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         init_distributed(use_cuda=False)

@@ -49,6 +49,7 @@ BENCH = [
     ["--steps", "warp"],
     ["--compile-mode", "reduce-overhead"],  # without --compile it would do nothing
     ["--compile-mode", "max-autotune"],
+    ["--out", ""],  # an unset shell variable: not the current folder
 ]
 
 
@@ -101,6 +102,7 @@ GALLERY = [
     ["--images", "two"],
     ["--images", "100000"],  # rows past matplotlib's 2**16 px per side: refused before any draw
     ["--draws", "100000"],
+    ["--out", ""],
 ]
 
 
@@ -126,7 +128,7 @@ def test_gallery_refuses_cuda_without_a_gpu(capsys, tiny_cifar):
     assert "no CUDA GPU" in refused(main, ["--device", "cuda", "--data-dir", tiny_cifar, "--allow-small-data"], capsys)
 
 
-@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], []], ids=repr)
+@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], [], ["--out", ""]], ids=repr)
 def test_report_refuses_impossible_flags(argv, tmp_path, capsys):
     """(Run folders that are not finished runs are refused by train.report itself: tests/test_outputs.py.)"""
     from train.report import main
@@ -204,3 +206,119 @@ def test_every_entry_point_reports_out_of_memory_in_one_line(entry, monkeypatch,
     assert main(argv) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: out of memory (Unable to allocate 1.00 TiB") and "lower --" in lines[-1]
+
+
+# --- an --out the system will not write is refused before the work, and a file is written whole or not at all ---
+
+
+@pytest.fixture
+def read_only(monkeypatch, tmp_path):
+    """A folder under tmp_path where creating any file fails as on a read-only file system (root ignores chmod)."""
+    import errno
+    import os
+
+    import pipeline.cli
+
+    folder = tmp_path / "read-only"
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(folder)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.cli.os, "open", refusing_open)
+    return folder
+
+
+def _never(*args, **kwargs):
+    pytest.fail("work started before --out was checked")
+
+
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(read_only, monkeypatch, capsys):
+    import bench.__main__
+    from bench.__main__ import main
+
+    monkeypatch.setattr(bench.__main__, "bench_model", _never)
+    line = refused(main, ["--quick", "--device", "cpu", "--what", "model", "--out", str(read_only)], capsys)
+    assert "--out" in line and "Read-only file system" in line, line
+
+
+def test_bench_says_in_one_line_what_it_kept_when_the_disk_fills_up(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import bench.__main__
+    from bench.__main__ import main
+    from pipeline.files import write_whole
+
+    calls = []
+
+    def full_after_one(path, write):
+        calls.append(path)
+        if len(calls) > 1:  # the first row is written; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write_whole(path, write)
+
+    monkeypatch.setattr(bench.__main__, "write_whole", full_after_one)
+    line = refused(main, ["--quick", "--device", "cpu", "--what", "model", "--out", str(tmp_path)], capsys)
+    assert "No space left on device" in line and "holds the 1 row(s) measured before" in line, line
+    (report,) = tmp_path.glob("*.json")
+    import json
+
+    assert len(json.loads(report.read_text())["results"]) == 1  # the row before the disk filled up, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [report.name]  # no temporaries left behind
+
+
+def test_gallery_refuses_an_out_it_cannot_write_before_drawing(read_only, monkeypatch, capsys, tiny_cifar):
+    import pipeline.gallery
+    from pipeline.gallery import main
+
+    monkeypatch.setattr(pipeline.gallery, "make_loader", _never)
+    argv = ["--data-dir", tiny_cifar, "--allow-small-data", "--device", "cpu", "--out", str(read_only / "g.png")]
+    line = refused(main, argv, capsys)
+    assert "--out" in line and "Read-only file system" in line, line
+
+
+def test_write_whole_leaves_the_old_file_or_the_new_one(tmp_path):
+    from pipeline.files import write_whole
+
+    path = tmp_path / "report.json"
+    write_whole(path, lambda f: f.write(b"old"))
+
+    def half_then_fail(f):
+        f.write(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_whole(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    path.unlink()
+    path.symlink_to(target)  # a link planted under the name is replaced, never written through
+    write_whole(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and not path.is_symlink() and target.read_bytes() == b"keep"
+
+
+def test_empty_paths_to_read_are_refused(capsys, tiny_cifar):
+    from pipeline.gallery import main as gallery
+    from train.report import main as report
+
+    assert "argument runs: is empty" in refused(report, [""], capsys)
+    assert "argument --data-dir: is empty" in refused(gallery, ["--data-dir", "", "--device", "cpu"], capsys)
+
+
+def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, capsys):
+    """A path may hold a newline ($'a\\nb'); an error that quotes it escapes it, so it stays one line, everywhere."""
+    from bench.__main__ import main as bench
+    from pipeline.gallery import main as gallery
+    from train.__main__ import cli as train
+    from train.report import main as report
+
+    odd = str(tmp_path / "no\nsuch")
+    line = refused(train, ["--data-dir", odd, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert "no\\nsuch: folder not found" in line, line
+    assert "no\\nsuch" in refused(report, [odd], capsys)
+    assert "no\\nsuch: folder not found" in refused(gallery, ["--data-dir", odd, "--device", "cpu"], capsys)
+    (tmp_path / "a-file").write_text("")
+    assert "no\\nsuch" in refused(bench, ["--quick", "--out", str(tmp_path / "a-file" / "no\nsuch")], capsys)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.cli import one_line_on_out_of_memory
+from pipeline.cli import one_line, one_line_on_out_of_memory, say_error
 from pipeline.dali_loader import DaliUnavailable
 from pipeline.data import DataError
 from train.checkpoint import CheckpointError, OutputError
@@ -29,18 +29,18 @@ def cli(argv: list[str] | None = None) -> int:
 
             main(cfg)
     except (ConfigError, DataError, CheckpointError, OutputError, DaliUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     except Diverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 1
     except RuntimeError as err:  # after Diverged and DaliUnavailable, which are RuntimeErrors too
         if not lost_peer(err):
             raise  # a bug keeps its traceback
-        print(lost_contact_message(err, os.environ.get("RANK", "?")), file=sys.stderr)
+        print(one_line(lost_contact_message(err, os.environ.get("RANK", "?"))), file=sys.stderr)
         return 1
     except Interrupted as stop:
-        print(str(stop), file=sys.stderr)
+        print(one_line(str(stop)), file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt as stop:  # before the run folder was opened
         print("interrupted before the run started; nothing was written", file=sys.stderr)

@@ -1,10 +1,8 @@
 """How a run's files are written and read back.
 
 Every file a run writes (metrics.json, last.pt, best.pt, predictions.npz, the PNGs, also from `python -m
-train.report`) goes through `atomic_write`: the bytes go to a fresh temporary in the same folder (`tempfile.mkstemp`:
-an unpredictable name opened with O_EXCL, so nothing planted in the folder is written through), are fsynced, and the
-temporary is renamed onto the final name (`os.replace`, which replaces a planted symbolic link instead of following
-it). A reader therefore sees the old file or the new one, never half of one.
+train.report`) goes through `atomic_write`, pipeline/files.py's `write_whole` with this package's error type and
+test hooks: a reader sees the old file or the new one, never half of one.
 
 A checkpoint is read back by `load_checkpoint`, which verifies it before anything trusts it: torch's zip container
 and the CRC-32 of every member (a flipped bit anywhere is caught), then `torch.load(weights_only=True)` (data, never
@@ -19,19 +17,16 @@ import math
 import os
 import pickle
 import signal
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Collection
-from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-# Temporaries are named .<final name>.<8 random characters><TEMP_SUFFIX> (mkstemp's pattern), so that the run that
-# owns a folder can recognise and remove the ones a killed run left behind (train/outdir.py).
-TEMP_SUFFIX = ".partial"
+from pipeline.files import write_whole
+
 # Test hook, for proving that a kill at any instant leaves a usable folder (tests/test_outputs.py): with
 # TRAIN_TEST_KILL_AFTER=NAME:N:STAGE the process SIGKILLs itself during the N-th write of the file NAME, at STAGE
 # "written" (the temporary is complete, the final name not yet replaced) or "replaced" (the rename is done).
@@ -63,82 +58,18 @@ class OutputError(RuntimeError):
         self.errno = errno_
 
 
-def _read_umask() -> int:
-    # mkstemp creates files with mode 0600; outputs get the mode open() would have given them (0666 minus the
-    # umask). os.umask can only be read by setting it, so it is read once, at import, before any thread exists.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()
-
-
-class _RecordingFile:
-    """The temporary file as writers see it. torch's zip writer turns a failed write into RuntimeError('unexpected
-    pos ...'); this remembers the OSError underneath, so the caller can report the real reason (disk full, ...)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:  # data: bytes-like
-        try:
-            return self._f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def __getattr__(self, name: str):  # tell, seek, fileno, ... for writers that use them
-        return getattr(self._f, name)
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` whole or not at all: `write(f)` fills a new temporary file in the same folder, which is then
-    fsynced and renamed onto `path`, and the folder is fsynced so the rename survives a power cut before the next file
-    is written. An existing `path` (even a symbolic link) is replaced, never written through.
+    """Write `path` whole or not at all (pipeline/files.py `write_whole`: a temporary beside it, fsynced, renamed
+    onto it, the folder fsynced; an existing `path`, even a symbolic link, is replaced, never written through), with
+    the KILL_ENV test hook at its "written" and "replaced" stages.
 
     Raises OutputError when the operating system refuses (no space, read-only, not a folder, ...); the temporary is
     removed then, as on any other exception (which propagates unchanged)."""
     path = Path(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        with open(fd, "wb") as f:
-            os.fchmod(fd, _FILE_MODE)
-            sink = _RecordingFile(f)
-            try:
-                write(sink)
-            except Exception:
-                if sink.error is not None:
-                    raise sink.error from None
-                raise
-            f.flush()
-            os.fsync(fd)
-        _test_kill(path.name, "written")
-        os.replace(tmp, path)
-        tmp = None
-        fsync_folder(path.parent)
-        _test_kill(path.name, "replaced")
+        write_whole(path, write, at_stage=lambda stage: _test_kill(path.name, stage))
     except OSError as err:
         raise OutputError(f"could not write {path} ({os_reason(err)})", err.errno) from None
-    finally:
-        if tmp is not None:
-            with suppress(OSError):  # the folder itself is gone or unwritable: the original error says so
-                os.unlink(tmp)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the names in `folder` (a rename, an unlink) durable: without this a power cut can undo a rename that a
-    later write already depends on (POSIX leaves the order of directory updates to the filesystem)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def os_reason(err: OSError) -> str:

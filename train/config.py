@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -262,20 +263,27 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.cuda_graph != "on" or not cfg.compile, "--cuda-graph on and --compile both capture the step; pick one"),
         (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        # finite: an infinite lr or weight decay makes every weight non-finite at the first step, which the flags
+        # alone can tell (the run would otherwise read the data and warm up to stop at batch 2)
+        (0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
         (
             cfg.model in model.model_names(),
             f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.model_names())}",
         ),
         (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is unknown; choose one of {', '.join(LOADERS)}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (0 <= cfg.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
         (0 <= cfg.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {cfg.warmup_frac}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
         (cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}"),
         (cfg.limit_train >= 0, f"--limit-train must be >= 0, got {cfg.limit_train}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
+        # An empty path (an unset shell variable, `--out "$OUT"`) is refused, not read as the current folder
+        # (--out), the default data folder (--data-dir) or no resume at all (--resume).
+        (cfg.out != "", "--out is empty; give the run's folder (. for the current one)"),
+        (cfg.data_dir != "", "--data-dir is empty; give the data folder, or leave the flag out for the default"),
+        (cfg.resume != "", "--resume is empty; give a checkpoint or auto, or leave the flag out for a new run"),
         (
             cfg.compile or cfg.compile_mode == "default",
             f"--compile-mode {cfg.compile_mode} does nothing without --compile; add --compile",

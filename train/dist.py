@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from train.config import ConfigError
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
 TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT_S"
+# The longest timeout taken: a week. Far longer than any collective of this project waits for a healthy peer, and
+# well inside what datetime.timedelta and the backends' millisecond counters hold (a larger number overflowed there,
+# as a traceback, before the job started).
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 # What the process-group backends say when a peer is gone or stopped answering. Read from gloo's
 # transport/tcp/pair.cc and unbound_buffer.cc, torch's ProcessGroupNCCL.cpp (the watchdog) and NCCL's ncclRemoteError
@@ -66,13 +71,18 @@ def init_distributed(use_cuda: bool) -> Dist:
     without those variables this is a single-process run. The collective timeout is $TRAIN_DIST_TIMEOUT_S seconds.
     Raises ConfigError, before joining, if that timeout is not a positive integer or if torchrun started more
     processes on this node (LOCAL_WORLD_SIZE) than torch sees GPUs (one GPU per process)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return Dist()
-    dist = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = Dist(_env_int("RANK", None), world_size, _env_int("LOCAL_RANK", 0))
+    if not (0 <= dist.rank < world_size and dist.local_rank >= 0):
+        raise ConfigError(
+            f"RANK={dist.rank} and LOCAL_RANK={dist.local_rank} do not fit WORLD_SIZE={world_size} (RANK in "
+            f"0..{world_size - 1}); launch with torchrun, which sets them, or unset WORLD_SIZE for one process"
+        )
     timeout = datetime.timedelta(seconds=timeout_s())
     if use_cuda:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.local_rank + 1)))
+        local_world_size = _env_int("LOCAL_WORLD_SIZE", dist.local_rank + 1)
         gpus = torch.cuda.device_count()
         if local_world_size > gpus:
             raise ConfigError(
@@ -84,16 +94,34 @@ def init_distributed(use_cuda: bool) -> Dist:
     return dist
 
 
+def _env_int(name: str, default: int | None) -> int:
+    """The whole number in environment variable `name` (torchrun's RANK, WORLD_SIZE, ...), `default` when unset.
+    ConfigError (one line) when it is not a whole number, or unset without a default."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    if text is not None:
+        with suppress(ValueError):
+            return int(text)
+    shown = "unset" if text is None else repr(text)
+    raise ConfigError(
+        f"{name} is {shown}, not a whole number (WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}); launch with "
+        "torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK, or unset WORLD_SIZE for one process"
+    )
+
+
 def timeout_s() -> int:
     """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. ConfigError unless it is a
-    positive integer."""
+    whole number in 1..MAX_TIMEOUT_S."""
     text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = int(text)
     except ValueError:
         seconds = 0
-    if seconds <= 0:
-        raise ConfigError(f"{TIMEOUT_ENV}={text!r} must be a positive whole number of seconds")
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"{TIMEOUT_ENV}={text!r} must be a positive whole number of seconds, at most {MAX_TIMEOUT_S} (a week)"
+        )
     return seconds
 
 

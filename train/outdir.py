@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,12 +40,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.files import TEMP_SUFFIX, fsync_folder, prove_writable
 from train.checkpoint import (
-    TEMP_SUFFIX,
     CheckpointError,
     OutputError,
     atomic_write,
-    fsync_folder,
     load_checkpoint,
     os_reason,
     save_checkpoint,
@@ -132,13 +130,7 @@ class RunFolder:
             for entry in os.scandir(path):
                 if _STALE.match(entry.name) and not entry.is_dir(follow_symlinks=False):
                     os.unlink(entry.path)
-            fd, probe = tempfile.mkstemp(prefix=f".{_PROBE}.", suffix=TEMP_SUFFIX, dir=path)
-            try:
-                os.write(fd, b"\0")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe)
+            prove_writable(path, prefix=f".{_PROBE}.")
         except OSError as err:
             self.release()
             raise ConfigError(

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.cli import OneLineParser
+from pipeline.cli import OneLineParser, given_path, output_dir, say_error
 from pipeline.data import CLASSES
 from train.checkpoint import OutputError, atomic_write
 from train.outdir import PLOT_FILES
@@ -43,14 +43,30 @@ def _save(fig, path: Path) -> None:  # fig: a matplotlib Figure
     plt.close(fig)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _read_epochs(run: Path) -> list[dict]:
+    """metrics.json's per-epoch rows, each checked to hold what the curves plot (numbers, not strings a plot would
+    draw as categories): ReportError otherwise, never a traceback from inside matplotlib."""
     path = run / "metrics.json"
     try:
         epochs = json.loads(path.read_text())["epochs"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ReportError(f"{path}: cannot be read as a run's metrics ({type(err).__name__}: {err})") from None
+    if not isinstance(epochs, list):
+        raise ReportError(f"{path}: 'epochs' is not a list of per-epoch rows (a {type(epochs).__name__})")
     if not epochs:
         raise ReportError(f"{path}: no epoch recorded yet")
+    for i, row in enumerate(epochs):
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}: epochs[{i}] is not a per-epoch row (a {type(row).__name__})")
+        ev = "val" if "val_acc" in row else "test"
+        needed = ["epoch", "train_loss", "train_acc"] + ([f"{ev}_loss", f"{ev}_acc"] if f"{ev}_acc" in row else [])
+        for key in needed:
+            if not _is_number(row.get(key)):
+                raise ReportError(f"{path}: epochs[{i}] has no number {key!r} (found {row.get(key)!r})")
     return epochs
 
 
@@ -143,14 +159,55 @@ def write_run_plots(run: Path) -> list[Path]:
 PREDICTION_KEYS = ("labels", "predicted", "worst_images", "worst_labels", "worst_predicted", "worst_confidence")
 
 
+# What predictions.npz may expand to: labels and predictions of a 60,000-image split and WORST images are under 1 MB;
+# a file whose arrays claim more was not written by this tool, and is refused before it is expanded (a few MB of
+# zeros compress to GBs).
+PREDICTIONS_MAX_BYTES = 64 * 2**20
+
+
 def _read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """predictions.npz's arrays (PREDICTION_KEYS), checked to be what `save_predictions` writes: ReportError
+    otherwise (corrupt, too large, or arrays whose shapes, types or class indices the pictures cannot draw)."""
+    damaged = f"{path}: truncated or corrupt"
     try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+        if expanded > PREDICTIONS_MAX_BYTES:
+            raise ReportError(
+                f"{path}: its arrays expand to {expanded:,} bytes, more than the {PREDICTIONS_MAX_BYTES:,} this tool "
+                "ever writes; it is not a run's predictions: delete it to plot the curves alone"
+            )
         with np.load(path) as found:
-            return {key: found[key] for key in PREDICTION_KEYS}
+            p = {key: found[key] for key in PREDICTION_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise ReportError(
-            f"{path}: truncated or corrupt ({type(err).__name__}: {err}); delete it to plot the curves alone"
-        ) from None
+        raise ReportError(f"{damaged} ({type(err).__name__}: {err}); delete it to plot the curves alone") from None
+    problem = _predictions_problem(p)
+    if problem:
+        raise ReportError(f"{path}: not what a run writes ({problem}); delete it to plot the curves alone")
+    return p
+
+
+def _predictions_problem(p: dict[str, np.ndarray]) -> str | None:
+    """What in predictions.npz's arrays the pictures could not draw truthfully (None: nothing)."""
+    classes = len(CLASSES)
+    for key in ("labels", "predicted", "worst_labels", "worst_predicted"):
+        a = p[key]
+        if a.ndim != 1 or a.dtype.kind not in "iu":
+            return f"{key} is a {a.dtype} array of shape {list(a.shape)}, not a 1-D array of class indices"
+        if a.size and (a.min() < 0 or a.max() >= classes):
+            return f"{key} holds class indices outside 0..{classes - 1}"
+    if len(p["labels"]) != len(p["predicted"]):
+        return f"labels ({len(p['labels'])}) and predicted ({len(p['predicted'])}) differ in length"
+    worst = len(p["worst_labels"])
+    images, confidence = p["worst_images"], p["worst_confidence"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        return f"worst_images is a {images.dtype} array of shape {list(images.shape)}, not uint8 [N, H, W, 3]"
+    if confidence.ndim != 1 or confidence.dtype.kind != "f":
+        return f"worst_confidence is a {confidence.dtype} array of shape {list(confidence.shape)}, not 1-D floats"
+    lengths = {len(images), len(p["worst_predicted"]), len(confidence)}
+    if lengths != {worst} or worst > WORST:
+        return f"the worst_* arrays hold {sorted(lengths | {worst})} entries, not one length of at most {WORST}"
+    return None
 
 
 def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray) -> None:
@@ -177,17 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.json)")
+    p.add_argument("runs", nargs="+", type=given_path, help="run folders (each with metrics.json)")
     p.add_argument(
         "--out",
-        type=Path,
+        type=output_dir,
         default=None,
         help="where to write (default: the run folder; with several runs, curves.png goes to the first)",
     )
     args = p.parse_args(argv)
     for run in args.runs:
         if not (run / "metrics.json").is_file():
-            print(f"error: {run}/metrics.json not found: is {run} a training run's --out?", file=sys.stderr)
+            say_error(f"{run}/metrics.json not found: is {run} a training run's --out?")
             return 2
     try:
         if len(args.runs) == 1 and args.out is None:
@@ -201,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             raise OutputError(f"--out {out}: cannot create the folder ({err.strerror})") from None
         plot_curves(args.runs, out / "curves.png")
     except (ReportError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     print(out / "curves.png")
     return 0
