@@ -18,7 +18,8 @@ def metrics_of(out: Path) -> dict:
 @pytest.mark.slow
 def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    args = small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1")
+    # a limit beyond the 300 training images: all of them, and metrics.json says how many
+    args = small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--limit-train", "99999999")
     args.remove("--data-dir")
     args.remove(tiny_cifar)  # the data folder comes from the environment, as many users set it
     result = run_train(*args, env={"CIFAR10_ROOT": tiny_cifar})
@@ -30,6 +31,8 @@ def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
     assert m["resolved"]["amp"] is False and m["config"]["amp"] is False
     assert m["resolved"]["cuda_graph"] is False and m["resolved"]["device"] == "cpu"
     assert m["config"]["workers"] == 0 and m["resolved"]["workers"] == 0  # --workers 0: the main process
+    assert m["config"]["limit_train"] == 99999999
+    assert m["resolved"]["train_images"] == 300 and m["resolved"]["eval_images"] == 100
     assert re.fullmatch(r"[0-9a-f]{64}", m["env"]["code"]["source_sha256"])
     assert m["env"]["code"]["package"] == "0.1.0"
     assert m["eval_seconds"] > 0 and m["epochs"][0]["eval_seconds"] > 0

@@ -661,8 +661,8 @@ def describe_for_metrics(
 
 def resolved_settings(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist) -> dict[str, object]:
     """What actually ran where the config leaves it open: the data folder, the device, whether bf16 autocast and the
-    CUDA graph were really on (both need CUDA), the torchrun world (and, added by the caller, the loader's workers
-    or DALI threads)."""
+    CUDA graph were really on (both need CUDA), the torchrun world, the images trained and evaluated on (and, added
+    by the caller, the loader's workers or DALI threads)."""
     return {
         "data_dir": str(data.root),
         "device": str(step.device),
@@ -670,6 +670,9 @@ def resolved_settings(cfg: TrainConfig, step: TrainStep, data: Data, dist: Dist)
         "cuda_graph": step.graphed,
         "world_size": dist.world_size,
         "per_rank_batch_size": cfg.batch_size // dist.world_size,
+        # after --val-split and --limit-train (a limit beyond the split means all of it)
+        "train_images": len(data.train_x),
+        "eval_images": len(data.eval_x),
     }
 
 
