@@ -134,12 +134,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sizes_fit(args: argparse.Namespace) -> None:
-    """ValueError (one line) if a batch is larger than the epoch (an epoch row would time one smaller batch, not the
-    batch size it reports) or the synthetic images could not fit in memory (uint8, 3,072 bytes each)."""
-    if max(args.batch_sizes) > args.images:
+    """ValueError (one line) if a batch is larger than the epoch that loader or epoch rows go through (they would
+    time one smaller batch, not the batch size they report) or the synthetic images could not fit in memory (uint8,
+    3,072 bytes each). Model rows alone step on one random batch of their own: any batch size fits them."""
+    if max(args.batch_sizes) > args.images and {"loader", "epoch"} & set(args.what):
+        # under --quick, --images is QUICK's whatever the flag says: raising it would change nothing
+        fix = "lower --batch-sizes or leave out --quick" if args.quick else "raise --images or lower --batch-sizes"
         raise ValueError(
-            f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}: an epoch would be one smaller "
-            "batch; raise --images or lower --batch-sizes"
+            f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}"
+            f"{' (set by --quick)' if args.quick else ''}: an epoch would be one smaller batch; {fix}"
         )
     check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
 

@@ -212,9 +212,13 @@ for path in sorted(glob.glob(sys.argv[1] + "/runs/*/metrics.json")):
           f"graph {m.get('resolved', {}).get('cuda_graph')}")
 for path in sorted(glob.glob(sys.argv[1] + "/bench*/*.json")):
     for r in json.load(open(path))["results"]:
+        # a compiled row's step is "eager" too (torch.compile of the network, the step around it eager): its mode
+        # tells it from the plain eager row, and warmup_s is what the compile phase compares
         print(f"{r['what']:6s} {r['loader'] or 'model':11s} bs {r['batch_size']:5d} step {r.get('step') or '-':5s} "
               f"workers {r['workers'] if r['workers'] is not None else '-':>3} {r['img_per_s']:12,.0f} img/s"
-              + (f"  epoch {r['epoch_s']:.3f}s" if r.get("epoch_s") else ""))
+              + (f"  epoch {r['epoch_s']:.3f}s" if r.get("epoch_s") else "")
+              + (f"  compile {r['compile_mode']}" if r.get("compile_mode") else "")
+              + (f"  warmup {r['warmup_s']:.2f}s" if r.get("warmup_s") is not None else ""))
 PY
 cat "$OUT/summary.txt"
 say "done"

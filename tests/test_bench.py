@@ -220,3 +220,44 @@ def test_benchmark_epoch_slice(benchmark, variant, images):
         rounds=1,
     )
     assert result.row()["img_per_s"] > 0
+
+
+def test_gpu_session_summary_tells_compiled_rows_apart(tmp_path):
+    """gpu_session.sh's summary (its packing step alone: PHASES names no phase) names a compiled row's mode and
+    every model row's warm-up seconds: the compile phase's eager and reduce-overhead rows both say step eager."""
+    rows = [
+        {
+            "what": "model",
+            "loader": "model-only",
+            "batch_size": 512,
+            "step": step,
+            "workers": None,
+            "img_per_s": rate,
+            "epoch_s": None,
+            "compiled": mode is not None,
+            "compile_mode": mode,
+            "warmup_s": warmup,
+        }
+        for step, mode, rate, warmup in [
+            ("eager", None, 1000.0, 0.5),
+            ("graph", None, 3000.0, 0.25),
+            ("eager", "reduce-overhead", 2500.0, 40.0),
+        ]
+    ]
+    (tmp_path / "bench-compile").mkdir()
+    (tmp_path / "bench-compile" / "gpu.json").write_text(json.dumps({"results": rows}))
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "OUT": str(tmp_path),
+        "PHASES": "none",
+        "PYTHON": sys.executable,
+    }
+    result = subprocess.run(
+        ["bash", "bench/gpu_session.sh"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if line.startswith("model")]
+    assert len(lines) == 3
+    assert "compile" not in lines[0] and "warmup 0.50s" in lines[0]
+    assert "compile reduce-overhead" in lines[2] and "warmup 40.00s" in lines[2]

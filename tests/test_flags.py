@@ -68,6 +68,20 @@ def test_bench_refuses_an_out_that_is_a_file(a_file, capsys):
     assert "is a file" in refused(main, ["--quick", "--out", str(a_file)], capsys)
 
 
+def test_bench_batch_beyond_the_images_is_refused_only_where_an_epoch_is_cut():
+    """Model rows step on one random batch of their own, so --what model takes any batch size; loader and epoch rows
+    go through --images and refuse a batch larger than it, saying what would help (under --quick, which fixes
+    --images at 256, raising --images would not)."""
+    from bench.__main__ import parse_args, sizes_fit
+
+    sizes_fit(parse_args(["--quick", "--batch-sizes", "512", "--what", "model"]))
+    sizes_fit(parse_args(["--batch-sizes", "512", "--images", "256", "--what", "model"]))
+    with pytest.raises(ValueError, match="leave out --quick"):
+        sizes_fit(parse_args(["--quick", "--batch-sizes", "512", "--images", "4096"]))
+    with pytest.raises(ValueError, match="raise --images"):
+        sizes_fit(parse_args(["--batch-sizes", "512", "--images", "256", "--what", "loader"]))
+
+
 @pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
 def test_bench_refuses_cuda_without_a_gpu(capsys):
     from bench.__main__ import main
