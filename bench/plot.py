@@ -84,5 +84,7 @@ def plot_report(report: dict, path: str | os.PathLike | BinaryIO) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.suptitle(f"{report['model']} net, torch {report['torch']}, DALI {report['dali']}, {report['date']}")
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png", dpi=110)
+    finally:  # a refused write (disk full) must not leave the figure open in a long-lived process
+        plt.close(fig)

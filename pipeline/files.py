@@ -72,7 +72,7 @@ def write_whole(
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
         with open(fd, "wb") as f:
             os.fchmod(fd, FILE_MODE)
             sink = _RecordingFile(f)
@@ -95,6 +95,23 @@ def write_whole(
         if tmp is not None:
             with suppress(OSError):  # the folder itself is gone or unwritable: the original error says so
                 os.unlink(tmp)
+
+
+# The longest file name most file systems take (NAME_MAX of ext4, xfs, btrfs, tmpfs: 255 bytes), and what mkstemp
+# adds to a prefix: 8 random characters and the suffix.
+NAME_MAX = 255
+_TEMP_EXTRA = 8 + len(TEMP_SUFFIX)
+
+
+def _temp_prefix(name: str) -> str:
+    """'.<name>.' for the temporary of file `name`, with `name` cut so that the temporary's whole name fits NAME_MAX
+    bytes: a legal final name of 238-255 bytes must not fail as "File name too long" on its temporary. (The run
+    folder's files have short names, so train/outdir.py's pattern for stale temporaries still sees them whole.)"""
+    budget = NAME_MAX - 2 - _TEMP_EXTRA  # the leading and trailing dots
+    encoded = name.encode()
+    if len(encoded) > budget:
+        name = encoded[:budget].decode(errors="ignore")  # whole characters only
+    return f".{name}."
 
 
 def fsync_folder(folder: Path) -> None:

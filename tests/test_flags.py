@@ -336,3 +336,15 @@ def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, capsys):
     assert "no\\nsuch: folder not found" in refused(gallery, ["--data-dir", odd, "--device", "cpu"], capsys)
     (tmp_path / "a-file").write_text("")
     assert "no\\nsuch" in refused(bench, ["--quick", "--out", str(tmp_path / "a-file" / "no\nsuch")], capsys)
+
+
+def test_write_whole_takes_the_longest_legal_file_name(tmp_path):
+    """The temporary is the final name plus 18 characters; a final name of up to 255 bytes (NAME_MAX) must still be
+    written (it failed as "File name too long" after all the gallery's draws)."""
+    from pipeline.files import write_whole
+
+    for name in ("a" * 251 + ".png", "é" * 125 + ".png"):  # 255 bytes, ASCII and two-byte UTF-8
+        path = tmp_path / name
+        write_whole(path, lambda f: f.write(b"png"))
+        assert path.read_bytes() == b"png"
+    assert len(list(tmp_path.iterdir())) == 2  # and no temporary left
