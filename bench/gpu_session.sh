@@ -7,7 +7,8 @@
 # (two device calls of at most 10 minutes each, back to back so the machine stays warm and /tmp/gpu-out stays; the
 # recipe phases reuse the measure phases' dwres step rates when they are there, and measure them again otherwise)
 #
-# PHASES=measure (about 5 minutes on an H200)
+# PHASES=measure (about 8 minutes on an H200; phases are capped by BUDGET, and one that finds too little time left
+# is skipped, so they run most-needed first)
 #   smoke     the chunked DALI GPU loader runs and matches albumentations on explicit parameters (abort if not)
 #   gpu-tests pytest's GPU cases: parity and loader contract against the real GPU graph, the CUDA-graph step held to
 #             the eager one, the benchmark peers on CUDA
@@ -15,11 +16,12 @@
 #   bench     python -m bench: each loader alone (albumentations 16/8/4 workers, DALI GPU, DALI CPU mode, kornia,
 #             plain torch), the seed net's step alone eager and as a CUDA graph, epochs fed by each GPU loader with
 #             both steps (the same step on both sides of every ratio); bs 128/512/2048
-#   bench-cpu epochs fed by the CPU-side loaders (albumentations, DALI CPU mode), eager step only (loader-bound)
 #   dwres     dwres's step alone, eager and graph, bs 128/512/1024/2048 (the fast recipe's ceiling)
 #   compile   dwres's step at bs 512: our captured graph vs torch.compile(mode="reduce-overhead"), with the seconds
 #             each takes to capture or compile (warmup_s)
 #   profile   where a DALI-fed epoch's time goes (torch profiler summary), in case a target is missed
+#   bench-cpu epochs fed by the CPU-side loaders (albumentations, DALI CPU mode), eager step only (loader-bound);
+#             last, so that a phase cut by the time budget is the least needed one
 # PHASES=recipe (about 5 minutes)
 #   search    the fast recipe re-chosen on a 5,000-image validation split, never the test set: epochs from dwres's
 #             measured graph step rate (what fits in 7 s of training), batch size x peak lr grid, 3 runs side by
@@ -107,8 +109,6 @@ phase bench 240 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" "${STEPS[@]}" -
   --what loader model
 phase bench-epochs 200 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" "${STEPS[@]}" --out "$OUT/bench-epochs" \
   --loaders $([ "$QUICK" = 1 ] && echo "kornia torch" || echo "dali-gpu kornia torch") --what epoch
-phase bench-cpu 120 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" --steps eager --out "$OUT/bench-cpu" \
-  --loaders cpu dali-cpu --what epoch
 phase dwres 60 "$PY" -m bench "${BENCH[@]}" "${DWRES_SIZES[@]}" "${STEPS[@]}" --what model --model dwres \
   --out "$OUT/bench-dwres"
 # the issue's choice between the two ways to replay the step: our torch.cuda.graph capture (--steps graph) against
@@ -138,6 +138,9 @@ for graphed in ([False, True] if device.type == "cuda" else [False]):
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
     print(f"{'graph' if graphed else 'eager'}: epoch {stats['seconds']:.3f}s")
 PY
+# last: epochs fed by the CPU-side loaders are loader-bound and known from the CPU figures; the least needed here
+phase bench-cpu 120 "$PY" -m bench "${BENCH[@]}" "${BENCH_SIZES[@]}" --steps eager --out "$OUT/bench-cpu" \
+  --loaders cpu dali-cpu --what epoch
 fi
 
 # --- recipe -------------------------------------------------------------------------------------------------------
