@@ -116,13 +116,13 @@ def writable_folder(path: Path, flag: str) -> None:
     """Create folder `path` if it is missing and prove it writable (pipeline/files.py `prove_writable`), before any
     work: a read-only or full file system, or one where the user may not write, is one line then, not a traceback
     after the measurements or draws the command was run for. Raises ValueError (one line naming `flag`)."""
-    from pipeline.files import prove_writable
+    from pipeline.files import os_reason, prove_writable
 
     try:
         prove_writable(path)
     except OSError as err:
         raise ValueError(
-            f"{flag} {str(path)!r}: cannot write there ({err.strerror or err}); choose a folder you can write to"
+            f"{flag} {str(path)!r}: cannot write there ({os_reason(err)}); choose a folder you can write to"
         ) from None
 
 

@@ -10,6 +10,7 @@ the rename survives a power cut. A reader sees the old file or the new one, neve
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -112,6 +113,13 @@ def _temp_prefix(name: str) -> str:
     if len(encoded) > budget:
         name = encoded[:budget].decode(errors="ignore")  # whole characters only
     return f".{name}."
+
+
+def os_reason(err: OSError) -> str:
+    """'No space left on device, ENOSPC': the operating system's words and the errno name, for messages."""
+    name = errno.errorcode.get(err.errno, "") if err.errno else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{reason}, {name}" if name else reason
 
 
 def fsync_folder(folder: Path) -> None:

@@ -33,7 +33,7 @@ from pipeline.cli import (
     writable_folder,
 )
 from pipeline.data import CLASSES
-from pipeline.files import write_whole
+from pipeline.files import os_reason, write_whole
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
 # matplotlib's Agg backend refuses to draw a figure of 2**16 pixels or more on a side ("Image size ... is too large");
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         render(images, labels, columns, args.out)
     except OSError as err:  # the disk filled up or went read-only since the check
-        reason = err.strerror or err
-        say_error(f"could not write {args.out} ({reason}); free space or choose another --out")
+        say_error(f"could not write {args.out} ({os_reason(err)}); free space or choose another --out")
         return 2
     print(args.out)
     return 0

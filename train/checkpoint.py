@@ -11,7 +11,6 @@ code), then the types of its top-level fields. `first_difference` compares its t
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from pipeline.files import write_whole
+from pipeline.files import os_reason, write_whole
 
 # Test hook, for proving that a kill at any instant leaves a usable folder (tests/test_outputs.py): with
 # TRAIN_TEST_KILL_AFTER=NAME:N:STAGE the process SIGKILLs itself during the N-th write of the file NAME, at STAGE
@@ -70,13 +69,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         write_whole(path, write, at_stage=lambda stage: _test_kill(path.name, stage))
     except OSError as err:
         raise OutputError(f"could not write {path} ({os_reason(err)})", err.errno) from None
-
-
-def os_reason(err: OSError) -> str:
-    """'No space left on device, ENOSPC': the operating system's words and the errno name, for messages."""
-    name = errno.errorcode.get(err.errno, "") if err.errno else ""
-    reason = err.strerror or str(err) or type(err).__name__
-    return f"{reason}, {name}" if name else reason
 
 
 _writes: Counter[str] = Counter()

@@ -40,13 +40,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.files import TEMP_SUFFIX, fsync_folder, prove_writable
+from pipeline.files import TEMP_SUFFIX, fsync_folder, os_reason, prove_writable
 from train.checkpoint import (
     CheckpointError,
     OutputError,
     atomic_write,
     load_checkpoint,
-    os_reason,
     save_checkpoint,
     save_json,
 )
@@ -229,8 +228,8 @@ class RunFolder:
             self._begin_writing()
             save_checkpoint(checkpoint, self.path / "last.pt")
             self.last_epoch = checkpoint["epoch"]
-            if best:
-                save_checkpoint(checkpoint, self.path / "best.pt")
+            if best:  # the same bytes: copied, not serialized a second time
+                _copy_file(self.path / "last.pt", self.path / "best.pt")
                 self.best_epoch = checkpoint["epoch"]
             return self._save_metrics(metrics, finished=False)
 
@@ -269,8 +268,7 @@ class RunFolder:
         self._replace = []
         if self._best_copy is not None:
             source, epoch = self._best_copy
-            with open(source, "rb") as src:
-                atomic_write(self.path / "best.pt", lambda f: shutil.copyfileobj(src, f))
+            _copy_file(source, self.path / "best.pt")
             self.best_epoch, self._best_copy = epoch, None
 
     @contextmanager
@@ -440,6 +438,12 @@ _depth = 0
 _pending: int | None = None
 
 
+def _copy_file(source: Path, target: Path) -> None:
+    """`target` written whole (atomic_write) with the bytes of `source`."""
+    with open(source, "rb") as src:
+        atomic_write(target, lambda f: shutil.copyfileobj(src, f))
+
+
 def _on_signal(signum: int, frame: object) -> None:
     global _pending
     # A scheduler signals the whole process group, so the loader's worker processes end too. torch's SIGCHLD handler
@@ -461,14 +465,15 @@ def _ignore(signum: int, frame: object) -> None:
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM (what schedulers send) raise `Stop` (a KeyboardInterrupt) in the main thread, so that a
-    stopped run unwinds and says what it saved; the previous handlers come back afterwards. No-op off the main
+    stopped run unwinds and says what it saved; the previous handlers (SIGCHLD's too, which a stop silences) come
+    back afterwards. No-op off the main
     thread, where Python cannot install handlers."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _on_signal)
     try:
         yield

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.cli import OneLineParser, given_path, output_dir, say_error
 from pipeline.data import CLASSES
+from pipeline.files import os_reason
 from train.checkpoint import OutputError, atomic_write
 from train.outdir import PLOT_FILES
 
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OutputError(f"--out {out}: cannot create the folder ({err.strerror})") from None
+            raise OutputError(f"--out {out}: cannot create the folder ({os_reason(err)})") from None
         plot_curves(args.runs, out / "curves.png")
     except (ReportError, OutputError) as err:
         say_error(str(err))

@@ -113,7 +113,8 @@ def _run(cfg: TrainConfig, dist: Dist, device: torch.device, folder: RunFolder) 
     log(dist, describe_run(cfg, state, step, data, dist))
     sizes = batch_sizes(len(data.train_x), cfg.batch_size // dist.world_size, rank_order(cfg, dist))
     warmup_seconds = warm_up(step, inner, eval_net, cfg, train_loader, eval_loader, len(state.history), sizes)
-    run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds, train_loader)
+    # (rank 0 writes metrics.json: only it runs git and hashes the source)
+    run_info = describe_for_metrics(cfg, step, data, dist, warmup_seconds, train_loader) if dist.is_main else {}
     writer = tensorboard_writer(cfg, folder.path) if dist.is_main else None
     metrics, probabilities = {}, None
     # epochs
@@ -753,8 +754,6 @@ def tensorboard_writer(cfg: TrainConfig, out: Path):
     """A tensorboard SummaryWriter in <out>/tensorboard with --tensorboard, else None."""
     if not cfg.tensorboard:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    from torch.utils.tensorboard import SummaryWriter  # installed: config.validate checked it before any work
+
     return SummaryWriter(str(out / "tensorboard"))

@@ -67,9 +67,9 @@ class Sums:
                 t.copy_(total)
 
     def means(self) -> tuple[float, float, int]:
-        """(mean loss, accuracy as a fraction, images): three host reads."""
-        count = max(int(self.count.item()), 1)
-        return self.loss.item() / count, self.correct.item() / count, int(self.count.item())
+        """(mean loss, accuracy as a fraction, images): one host read of the three sums."""
+        loss, correct, count = torch.stack([self.loss, self.correct, self.count]).tolist()
+        return loss / max(count, 1), correct / max(count, 1), int(count)
 
 
 def autocast(device: torch.device, amp: bool, *, cache: bool = True) -> contextlib.AbstractContextManager:
