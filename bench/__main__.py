@@ -35,7 +35,8 @@ from pipeline.cli import (
     worker_count,
     writable_folder,
 )
-from pipeline.files import write_whole
+from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
+from pipeline.files import os_reason, write_whole
 from train.config import COMPILE_MODES
 
 # Where reports go unless --out says otherwise: a folder in the current directory, not the package's own
@@ -144,7 +145,7 @@ def sizes_fit(args: argparse.Namespace) -> None:
             f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}"
             f"{' (set by --quick)' if args.quick else ''}: an epoch would be one smaller batch; {fix}"
         )
-    check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
+    check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
 
 
 def device_slug(device: torch.device) -> str:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = usable_cores()
     workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (args.images, *IMAGE_SHAPE, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images).astype(np.int64)
 
     results: list[dict] = []
@@ -297,7 +298,7 @@ def save(path: Path, write: Callable[[BinaryIO], object], *, kept: int) -> None:
     except OSError as err:
         held = f"{path.with_suffix('.json')} holds the {kept} row(s) measured before" if kept else "no row was saved"
         raise CannotWrite(
-            f"could not write {path} ({err.strerror or err}); {held}; free space or choose another --out"
+            f"could not write {path} ({os_reason(err)}); {held}; free space or choose another --out"
         ) from None
 
 

@@ -25,6 +25,7 @@ import torch
 
 from pipeline import LOADERS, make_loader
 from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int, say_error
+from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
 
 # Operations that only make views, metadata or uninitialized memory: no kernel behind them (unless they call one,
 # e.g. aten::to -> aten::copy_ across devices, aten::reshape -> aten::clone of a non-contiguous tensor).
@@ -179,7 +180,7 @@ def _line(what: str, ops: Counter, dali: Counter, seconds: float, per: int) -> N
 
 @one_line_on_out_of_memory("--images or --batch-size")
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.dali_loader import CHUNK_IMAGES
+    from pipeline.dali_loader import CHUNK_IMAGES, CPU_CHUNK_IMAGES
 
     p = OneLineParser(
         prog="python -m bench.host_ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "--images",
         type=positive_int,
         default=3 * CHUNK_IMAGES,
-        help=f"synthetic images per epoch (default: {3 * CHUNK_IMAGES:,}: 3 GPU chunks, 6 in DALI's CPU mode)",
+        help=f"synthetic images per epoch (default: {3 * CHUNK_IMAGES:,}: 3 GPU chunks, "
+        f"{3 * CHUNK_IMAGES // CPU_CHUNK_IMAGES} in DALI's CPU mode)",
     )
     args = p.parse_args(argv)
     try:  # the sizes alone can tell: before anything is allocated
@@ -199,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"--batch-size {args.batch_size} with --images {args.images}: need at least one batch of images; "
                 "raise --images or lower --batch-size"
             )
-        check_fits_in_memory(args.images * 32 * 32 * 3, f"--images {args.images}")
+        check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
     except ValueError as err:
         say_error(str(err))
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (args.images, *IMAGE_SHAPE, 3), dtype=np.uint8)
     loader = make_loader(
         args.loader,
         images,

@@ -179,9 +179,9 @@ class PeerLoader:
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
         self.num_samples = len(images)
         self.epoch = 0
-        std = torch.tensor(self.spec.std, device=self.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.spec.mean, device=self.device).view(1, 3, 1, 1)
-        self._scale, self._bias = 1 / (255 * std), -mean / std
+        scale, shift = self.spec.pixel_scale_shift()
+        self._scale = torch.tensor(scale, device=self.device).view(1, 3, 1, 1)
+        self._bias = -torch.tensor(shift, device=self.device).view(1, 3, 1, 1)
         height, width = images.shape[1:3]
         self._kornia = kornia_augment(self.spec, height, width).to(self.device) if kind == "kornia" else None
 

@@ -93,8 +93,7 @@ def _graphs():  # built on first use: importing DALI is slow and optional
 
     def normalize(pixels, spec: AugSpec, device: str):
         """(x / 255 - mean) / std per channel, as one multiply-add; float32 out."""
-        scale = np.float32([1 / (255 * s) for s in spec.std]).reshape(1, 1, 3)
-        shift = np.float32([m / s for m, s in zip(spec.mean, spec.std, strict=True)]).reshape(1, 1, 3)
+        scale, shift = (np.float32(v).reshape(1, 1, 3) for v in spec.pixel_scale_shift())
         return pixels * types.Constant(scale, device=device) - types.Constant(shift, device=device)
 
     def boxes_then_normalize(pixels, holes, gy, gx, layout: GraphLayout, spec: AugSpec, width: int, device: str):
