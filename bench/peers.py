@@ -12,6 +12,9 @@ wherever torch runs, so CI tests them on the CPU.
   BORDER_REPLICATE for bilinear sampling: a clamped coordinate reads the edge pixel), `grid_shifts` (pad-and-crop,
   when on) a clamped whole-pixel gather, `hole_boxes` (cutout) a mask blend with the cutout fill, then normalize.
   Same distributions and same pixels (up to float rounding; not rounded to uint8 between steps) as the reference.
+  It draws from the DALI loader's generator for (seed, epoch, rank), so it augments with DALI's very parameters.
+
+Both peers take the loaders' order (pipeline/order.py: `epoch_batches`): the same images in the same batches.
 * "kornia": `kornia.augmentation` with per-image random parameters: RandomAffine (the spec's rotation, isotropic
   scale, shift fraction and p; padding "border"), RandomHorizontalFlip, RandomCrop with replicate padding when
   pad-and-crop is on, a one-hole RandomErasing whose hole follows the spec's size law and fill, Normalize. What
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 
 from pipeline.augs import units_of
 from pipeline.dali_loader import CHUNK_IMAGES, graph_layout
-from pipeline.params import draw_params, grid_shifts, hole_boxes, sampling_matrices
+from pipeline.order import Order, epoch_batches, num_batches
+from pipeline.params import draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
 PEERS = ("kornia", "torch")
@@ -173,7 +177,9 @@ class PeerLoader:
         if kind not in PEERS:
             raise ValueError(f"unknown peer {kind!r}; choose one of {', '.join(PEERS)}")
         self.kind, self.spec, self.device = kind, spec or AugSpec(), torch.device(device)
-        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.batch_size = batch_size
+        # the loaders' own order (pipeline/order.py): the same images in the same batches as make_loader's loaders
+        self.order = Order(seed=seed, shuffle=shuffle, drop_last=drop_last)
         self.spec.check_image_size(*images.shape[1:3])  # as the loaders do: a spec that cannot work is refused
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
@@ -186,41 +192,33 @@ class PeerLoader:
         self._kornia = kornia_augment(self.spec, height, width).to(self.device) if kind == "kornia" else None
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
+        return num_batches(self.num_samples, self.batch_size, self.order)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # A well-mixed seed per (seed, epoch) from numpy's SeedSequence, so neighbouring epochs are unrelated.
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]))
-        self.epoch += 1
-        n = self.num_samples
-        order = (
-            torch.randperm(n, generator=generator, device=self.device)
-            if self.shuffle
-            else torch.arange(n, device=self.device)
-        )
-        augment = self._epoch_augment(generator)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        chosen = epoch_batches(self.num_samples, self.batch_size, epoch, self.order)
+        index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
+        # the DALI loader's generator for (seed, epoch, rank): the torch peer draws the very parameters DALI does
+        generator = epoch_generator(self.order.seed, epoch, self.order.rank, self.device)
+        augment = self._epoch_augment(generator, len(index))
         # Augmented a chunk of whole batches at a time, as the DALI loader does (CHUNK_IMAGES), and handed out as
         # views: per batch neither peer launches anything, so the comparison with DALI is one design against another,
         # not chunks against per-batch launches (airbench augments the whole epoch at once).
-        batches_per_chunk = max(1, CHUNK_IMAGES // self.batch_size)
-        for first in range(0, len(self), batches_per_chunk):
-            last = min(first + batches_per_chunk, len(self))
-            rows = slice(first * self.batch_size, min(last * self.batch_size, n))
-            index = order[rows]
-            x, y = augment(self.images[index], rows), self.labels[index]
-            for b in range(last - first):
-                yield (
-                    x[b * self.batch_size : (b + 1) * self.batch_size],
-                    y[b * self.batch_size : (b + 1) * self.batch_size],
-                )
+        ends = np.cumsum([len(b) for b in chosen]).tolist()
+        spans = list(zip([0, *ends[:-1]], ends, strict=True))
+        per_chunk = max(1, CHUNK_IMAGES // self.batch_size)
+        for first in range(0, len(spans), per_chunk):
+            group = spans[first : first + per_chunk]
+            rows = slice(group[0][0], group[-1][1])
+            x, y = augment(self.images[index[rows]], rows), self.labels[index[rows]]
+            for a, b in group:
+                yield x[a - rows.start : b - rows.start], y[a - rows.start : b - rows.start]
 
-    def _epoch_augment(self, generator: torch.Generator) -> Callable[[torch.Tensor, slice], torch.Tensor]:
-        """The function that augments the batch at `rows` of this epoch's order."""
+    def _epoch_augment(self, generator: torch.Generator, n: int) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+        """The function that augments the images at `rows` of this epoch's `n` (its order's positions)."""
         if self._kornia is not None:
             kornia = self._kornia
 
@@ -232,7 +230,7 @@ class PeerLoader:
         # The airbench way: every image's parameters for the whole epoch in one pass, then one slice per batch.
         # (.to: with no unit of a kind in the spec, pipeline.params answers with an empty tensor on the CPU.)
         height, width = self.images.shape[1:3]
-        params = draw_params(self.spec, self.num_samples, height, width, generator, self.device)
+        params = draw_params(self.spec, n, height, width, generator, self.device)
         theta = grid_matrices(sampling_matrices(params, height, width).to(self.device), height, width)
         shifts, boxes = grid_shifts(params).to(self.device), hole_boxes(params).to(self.device)
 

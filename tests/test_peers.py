@@ -55,6 +55,24 @@ def test_batches_are_channels_last_and_every_image_comes_once_per_epoch(kind):
 
 
 @pytest.mark.parametrize("kind", PEERS)
+def test_a_peer_epoch_holds_the_loaders_images_in_the_loaders_batches(kind):
+    """The peers take the loaders' order (pipeline/order.py): for a seed and an epoch, the same images in the same
+    batches as make_loader's loaders, so a benchmark row of a peer and one of DALI time the same epoch."""
+    from pipeline import Order, make_loader
+
+    n, batch = 100, 32
+    images, labels = indexed_images(n), np.arange(n) % 10
+    peer = PeerLoader(kind, images, labels, batch, spec=AugSpec.none(), seed=5)
+    loader = make_loader("cpu", images, labels, batch, spec=AugSpec.none(), order=Order(seed=5), workers=0)
+    for epoch in (0, 1):
+        peer.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        mine = [decode_index(x).tolist() for x, _ in peer]
+        theirs = [decode_index(x).tolist() for x, _ in loader]
+        assert mine == theirs, f"epoch {epoch}"
+
+
+@pytest.mark.parametrize("kind", PEERS)
 def test_every_probability_zero_gives_the_plain_normalized_image(kind):
     images = smooth_images(40, seed=2)
     out = torch.cat([x for x, _ in PeerLoader(kind, images, np.zeros(40), 16, spec=AugSpec.none(), shuffle=False)])
