@@ -220,6 +220,25 @@ class _Chunk:
     inputs: dict  # the other DALI inputs by name: a tensor (first axis = samples) or a list (one per sample)
 
 
+@dataclass
+class _EpochLayout:
+    """How an epoch of given batch sizes is cut into chunks and DALI samples: the same every epoch (the batch sizes
+    are), so it is built once per (sizes, batches per chunk) and only the drawn parameters are laid out per epoch."""
+
+    spans: list[tuple[int, int]]  # [start, end) of each training batch in the epoch's order
+    groups: list[list[tuple[int, int]]]  # the spans of each chunk
+    pieces: list[list[tuple[int, int]]]  # batched graph: each chunk's DALI samples as [start, end) in the order
+    position: torch.Tensor | None  # batched graph: (N,) each image's tile in its sample, on the loader's device
+    gathers: dict[int, torch.Tensor]  # batched graph: `_gather_index` per row width, made when first used
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (N, R) laid out flat as the batched graph takes them (`_gather_index`), with the index made once."""
+        r = rows.shape[1]
+        if r not in self.gathers:
+            self.gathers[r] = _gather_index([p for chunk in self.pieces for p in chunk], r).to(rows.device)
+        return rows.reshape(-1)[self.gathers[r]]
+
+
 class DaliLoader:
     """Yields (x, y) like the CPU loader: x float32 [B,3,H,W] channels_last, normalized; y int64 [B]; on `device`.
 
@@ -281,6 +300,7 @@ class DaliLoader:
         self.chunk_batches = max(1, chunk_images // batch_size)
         self.layout = graph_layout(spec)
         self.epoch = 0
+        self._epoch_layouts: dict[tuple[tuple[int, ...], int], _EpochLayout] = {}
         # On the GPU the whole split is resident (150 MB for CIFAR-10's training set): no host-to-device copy per
         # chunk, and a chunk is gathered by index on the device.
         self.images = torch.from_numpy(images).to(self.device)
@@ -394,17 +414,8 @@ class DaliLoader:
         """The epoch's `order` (dataset indices) cut into batches of `sizes` images and those into chunks of
         `per_chunk` batches, each chunk with its DALI inputs: views into tensors made once for the epoch."""
         h, w, n = self.height, self.width, len(order)
-        ends = np.cumsum(sizes).tolist()
-        spans = list(zip([0, *ends[:-1]], ends, strict=True))
-        groups = [spans[i : i + per_chunk] for i in range(0, len(spans), per_chunk)]
-        # batched graph: each batch cut into DALI samples from its own start, whatever chunk it is in (the tile an
-        # image takes in its sample enters its float32 sampling coordinates)
-        pieces = [
-            [(c, min(c + IMAGES_PER_SAMPLE, b)) for a, b in group for c in range(a, b, IMAGES_PER_SAMPLE)]
-            if self.graph == "batched"
-            else []
-            for group in groups
-        ]
+        cut = self._epoch_layout(sizes, per_chunk)
+        groups, pieces = cut.groups, cut.pieces
         inputs: list[dict] = [{} for _ in groups]
         if self.train:
             params = params.for_units(units_of(self.spec), self.device)
@@ -421,13 +432,10 @@ class DaliLoader:
             else:
                 # per DALI sample: warp (layout.warp_rows, N, 1, 1) = matrix rows a..f, the shift offsets, each
                 # image's first row in the tall image; holes (4 per Box unit, N, 1, 1)
-                every = [piece for chunk in pieces for piece in chunk]
-                tile = np.concatenate([np.arange(d - c) for c, d in every]) if every else np.zeros(0, np.int64)
-                position = torch.from_numpy(tile).to(self.device)
-                rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (position * h).float()[:, None]], 1)}
+                rows = {"warp": torch.cat([matrices.view(n, 6), shifts, (cut.position * h).float()[:, None]], 1)}
                 if self.layout.fills:
                     rows["holes"] = holes
-                laid = {name: (_lay_out(v, every), v.shape[1]) for name, v in rows.items()}
+                laid = {name: (cut.gather(v), v.shape[1]) for name, v in rows.items()}
                 inputs = [
                     {
                         name: _as_samples(flat[r * g[0][0] : r * g[-1][1]], [d - c for c, d in chunk], (r, -1, 1, 1))
@@ -445,6 +453,30 @@ class DaliLoader:
             )
             for group, chunk_pieces, chunk_inputs in zip(groups, pieces, inputs, strict=True)
         ]
+
+    def _epoch_layout(self, sizes: list[int], per_chunk: int) -> _EpochLayout:
+        """The chunks and DALI samples of an epoch of batches of `sizes` images, `per_chunk` batches a chunk: built
+        on first use and kept (an epoch's batch sizes are the same every epoch; run_fixed adds a few one-batch
+        entries of at most batch_size + 1 images, so the cache stays small)."""
+        key = (tuple(sizes), per_chunk)
+        if key not in self._epoch_layouts:
+            ends = np.cumsum(sizes).tolist()
+            spans = list(zip([0, *ends[:-1]], ends, strict=True))
+            groups = [spans[i : i + per_chunk] for i in range(0, len(spans), per_chunk)]
+            # batched graph: each batch cut into DALI samples from its own start, whatever chunk it is in (the tile
+            # an image takes in its sample enters its float32 sampling coordinates)
+            batched = self.graph == "batched"
+            pieces = [
+                [(c, min(c + IMAGES_PER_SAMPLE, b)) for a, b in group for c in range(a, b, IMAGES_PER_SAMPLE)]
+                if batched
+                else []
+                for group in groups
+            ]
+            every = [piece for chunk in pieces for piece in chunk]
+            tile = np.concatenate([np.arange(d - c) for c, d in every]) if every else np.zeros(0, np.int64)
+            position = torch.from_numpy(tile).to(self.device) if batched else None
+            self._epoch_layouts[key] = _EpochLayout(spans, groups, pieces, position, {})
+        return self._epoch_layouts[key]
 
     def _submit(self, chunk: _Chunk) -> None:
         """Feed DALI one chunk and schedule its iteration (asynchronous: DALI runs it on its own threads/stream)."""
@@ -518,13 +550,12 @@ def _samples_in(sizes: list[int]) -> int:
     return sum(-(-size // IMAGES_PER_SAMPLE) for size in sizes)
 
 
-def _lay_out(rows: torch.Tensor, pieces: list[tuple[int, int]]) -> torch.Tensor:
-    """`rows` (N, R) of per-image values laid out flat as the batched graph takes them: for each [c, d) of `pieces`
-    (consecutive, from 0 to N), an (R, d - c) block, row r holding images c..d-1's r-th value; the block of image
-    c's piece starts at element R * c. One gather for the whole epoch."""
-    r = rows.shape[1]
+def _gather_index(pieces: list[tuple[int, int]], r: int) -> torch.Tensor:
+    """The gather that lays (N, R=r) per-image values out flat as the batched graph takes them: for each [c, d) of
+    `pieces` (consecutive, from 0 to N), an (R, d - c) block, row k holding images c..d-1's k-th value; the block of
+    image c's piece starts at element R * c. int64 on the CPU, indices into the rows' flat view."""
     where = [(np.arange(c, d)[None, :] * r + np.arange(r)[:, None]).ravel() for c, d in pieces]
-    return rows.reshape(-1)[torch.from_numpy(np.concatenate(where) if where else np.zeros(0, np.int64)).to(rows.device)]
+    return torch.from_numpy(np.concatenate(where) if where else np.zeros(0, np.int64))
 
 
 def _as_samples(flat: torch.Tensor, images: list[int], shape: tuple[int, ...]) -> torch.Tensor | list[torch.Tensor]:

@@ -287,3 +287,20 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(variant):
 def test_fewer_images_than_ranks_is_refused(variant):
     with pytest.raises(ValueError, match="1 image\\(s\\) cannot be shared by 2 ranks"):
         build_loader(variant, indexed_images(1), np.zeros(1, np.int64), 8, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("variant", ["dali-batched-cpu", "dali-gpu"])
+def test_an_epochs_chunk_layout_is_built_once(variant, data):
+    """The cut of an epoch into chunks and DALI samples (and the batched graph's gather index) depends only on the
+    batch sizes, the same every epoch: built on the first epoch and reused, not rebuilt (and copied to the device)
+    at every epoch start. The batches stay those of a fresh loader."""
+    images, labels = data
+    loader = build_loader(variant, images, labels, 64, chunk_images=128)
+    first = [x.clone() for x, _ in loader]
+    (layout,) = loader._epoch_layouts.values()
+    gathers = dict(layout.gathers)
+    loader.set_epoch(0)
+    again = [x for x, _ in loader]
+    assert list(loader._epoch_layouts.values()) == [layout] and layout.gathers == gathers
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
