@@ -36,15 +36,21 @@ from pipeline.data import CLASSES
 from pipeline.files import os_reason, write_whole
 
 CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
+TITLE_ROWS = 0.4  # the column titles' band above the grid, in cell heights
 # matplotlib's Agg backend refuses to draw a figure of 2**16 pixels or more on a side ("Image size ... is too large");
 # the grid is refused before any work instead of after every draw is made.
 AGG_MAX_PX = 2**16
 
 
+def grid_columns(draws: int) -> int:
+    """Cells per row of the grid `main` draws: the raw image, `draws` of each loader, each unit alone in both."""
+    return 1 + 2 * draws + 2 * len(UNITS)
+
+
 def grid_fits(rows: int, columns: int) -> None:
     """ValueError (one line) unless a grid of rows x columns cells of CELL_INCHES x DPI px fits Agg's limit."""
     cell_px = CELL_INCHES * DPI
-    for count, size, flag in ((rows + 0.4, rows, "--images"), (columns, columns, "--draws")):
+    for count, size, flag in ((rows + TITLE_ROWS, rows, "--images"), (columns, columns, "--draws")):
         if count * cell_px >= AGG_MAX_PX:
             raise ValueError(
                 f"{flag}: {size} {'rows' if flag == '--images' else 'columns'} of {cell_px:.0f} px do not fit "
@@ -81,7 +87,7 @@ def alone(spec: AugSpec, unit: Aug) -> AugSpec:
 def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per image: the raw image, then each (title, [N, H, W, 3] uint8) column."""
     n, cols = len(images), 1 + len(columns)
-    fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + 0.4) * CELL_INCHES), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + TITLE_ROWS) * CELL_INCHES), squeeze=False)
     for row in range(n):
         cells = [("raw", images[row])] + [(title, column[row]) for title, column in columns]
         for col, (title, cell) in enumerate(cells):
@@ -92,7 +98,7 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
             if row == 0:
                 ax.set_title(title, fontsize=7)
         axes[row, 0].set_ylabel(CLASSES[labels[row]], fontsize=7)
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + 0.4), bottom=0.01, wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + TITLE_ROWS), bottom=0.01, wspace=0.05, hspace=0.05)
     try:
         write_whole(path, lambda f: fig.savefig(f, format="png", dpi=DPI))  # whole or not at all
     finally:
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu (DALI's CPU operators)")
         spec = AugSpec.from_overrides(args.aug)
         check_seed(args.seed)
-        grid_fits(args.images, 1 + 2 * args.draws + 2 * len(UNITS))
+        grid_fits(args.images, grid_columns(args.draws))
         train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
         writable_folder(args.out.parent, "--out")  # before the draws, not after them
     except (DataError, ValueError) as err:
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         only = alone(spec, unit)
         columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
         columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
+    assert 1 + len(columns) == grid_columns(args.draws)  # what grid_fits checked is what is drawn
     try:
         render(images, labels, columns, args.out)
     except OSError as err:  # the disk filled up or went read-only since the check
