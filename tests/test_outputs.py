@@ -333,13 +333,14 @@ if where == "epoch":
         return original(index, *args, **kwargs)
     train.run.train_and_evaluate = stopping
 else:  # during the writes of the first checkpoints: last.pt, and best.pt too for "write-twice"
-    save, calls = torch.save, []
+    import train.checkpoint
+    write, calls = train.checkpoint.write_whole, []  # every file of a run is written through it
     def stopping(*args, **kwargs):
         calls.append(1)
         if len(calls) <= (2 if where == "write-twice" else 1):
             os.kill(os.getpid(), signum)
-        return save(*args, **kwargs)
-    torch.save = stopping
+        return write(*args, **kwargs)
+    train.checkpoint.write_whole = stopping
 sys.exit(cli(sys.argv[4:]))
 """
 
