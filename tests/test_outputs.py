@@ -335,11 +335,16 @@ if where == "epoch":
 else:  # during the writes of the first checkpoints: last.pt, and best.pt too for "write-twice"
     import train.checkpoint
     write, calls = train.checkpoint.write_whole, []  # every file of a run is written through it
-    def stopping(*args, **kwargs):
+    def stopping(path, fill, **kwargs):  # the signal lands mid-write: the temporary is open and partly written
         calls.append(1)
-        if len(calls) <= (2 if where == "write-twice" else 1):
-            os.kill(os.getpid(), signum)
-        return write(*args, **kwargs)
+        def filling(f):
+            f.write(b"part")
+            if len(calls) <= (2 if where == "write-twice" else 1):
+                os.kill(os.getpid(), signum)
+            f.seek(0)
+            f.truncate()
+            return fill(f)
+        return write(path, filling, **kwargs)
     train.checkpoint.write_whole = stopping
 sys.exit(cli(sys.argv[4:]))
 """

@@ -439,9 +439,14 @@ _pending: int | None = None
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    """`target` written whole (atomic_write) with the bytes of `source`."""
-    with open(source, "rb") as src:
-        atomic_write(target, lambda f: shutil.copyfileobj(src, f))
+    """`target` written whole (atomic_write) with the bytes of `source`; OutputError if either cannot be used (the
+    source is opened inside the write, so a failed read is reported as atomic_write reports a failed write)."""
+
+    def copy(f) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f)
+
+    atomic_write(target, copy)
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -465,15 +470,16 @@ def _ignore(signum: int, frame: object) -> None:
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """SIGINT and SIGTERM (what schedulers send) raise `Stop` (a KeyboardInterrupt) in the main thread, so that a
-    stopped run unwinds and says what it saved; the previous handlers (SIGCHLD's too, which a stop silences) come
-    back afterwards. No-op off the main
+    stopped run unwinds and says what it saved; the previous handlers come back afterwards. (SIGCHLD, which a stop
+    silences, stays silenced: the loader's workers are reaped after this block, and torch's handler would report
+    each as a failure.) No-op off the main
     thread, where Python cannot install handlers."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
-    for s in (signal.SIGINT, signal.SIGTERM):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
         signal.signal(s, _on_signal)
     try:
         yield

@@ -754,6 +754,8 @@ def tensorboard_writer(cfg: TrainConfig, out: Path):
     """A tensorboard SummaryWriter in <out>/tensorboard with --tensorboard, else None."""
     if not cfg.tensorboard:
         return None
-    from torch.utils.tensorboard import SummaryWriter  # installed: config.validate checked it before any work
-
+    try:  # config.validate found the package; an install that fails to import is one line too
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(f"--tensorboard: the tensorboard package does not import ({err})") from None
     return SummaryWriter(str(out / "tensorboard"))
