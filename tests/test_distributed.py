@@ -154,6 +154,11 @@ def _rank_main(rank: int, store: str, variant: str, queue) -> None:
         torch.distributed.barrier()  # as train.run does: nobody disconnects while the other still talks
     finally:
         torch.distributed.destroy_process_group()
+    # Reached only when everything above succeeded (its results are in the queue). Gloo's worker threads can still
+    # abort the interpreter's finalization ("terminate called without an active exception", SIGABRT; a known torch
+    # teardown race, pytorch/pytorch#179291), about one run in ten under load: this test is about the shards, so
+    # the rank leaves without finalizing.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("variant", ["cpu", "dali-per-image"])
