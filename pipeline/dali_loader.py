@@ -32,6 +32,7 @@ import torch
 
 from pipeline.augs import units_of
 from pipeline.augs.unit import Box, Shift
+from pipeline.errors import DaliUnavailable
 from pipeline.order import Order, batch_sizes, epoch_batches, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
@@ -61,10 +62,6 @@ CHUNKS_AHEAD = 1
 IMAGES_PER_SAMPLE = 256
 
 _warned_cpu_mode = False
-
-
-class DaliUnavailable(RuntimeError):
-    """DALI cannot be imported on this machine."""
 
 
 def require_dali():  # -> the nvidia.dali module

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DataError
+
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -38,10 +40,6 @@ URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
 ARCHIVE_MB = 170  # 170,498,071 bytes
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
-
-
-class DataError(Exception):
-    """Bad or missing data: the message names the file, what is wrong and what to do."""
 
 
 def resolve_root(data_dir: str | os.PathLike | None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import cv2
 import numpy as np
@@ -137,3 +138,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "dali-gpu" in callspec.params.values():
             item.add_marker(pytest.mark.gpu)
+
+
+def _one_line(code: object, err: str, what: object, exit_code: int) -> str:
+    lines = err.strip().splitlines()
+    assert code == exit_code, f"{what}: exit code {code}, stderr {err[-2000:]!r}"
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, f"{what}: {err[-2000:]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def refused(capsys):
+    """The one helper for "refused in one line": `refused(main, argv)` runs an entry point's main(argv) in this
+    process, or `refused(completed_process)` checks a subprocess that ran one; either way it asserts the exit code
+    (2 unless `exit_code=` says otherwise) and exactly one `error: ...` line on stderr, no traceback, and returns it."""
+
+    def check(main_or_result, argv: list[str] | None = None, *, exit_code: int = 2) -> str:
+        if isinstance(main_or_result, subprocess.CompletedProcess):
+            return _one_line(main_or_result.returncode, main_or_result.stderr, main_or_result.args, exit_code)
+        capsys.readouterr()
+        try:
+            code = main_or_result(list(argv or []))
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code
+        return _one_line(code, capsys.readouterr().err, argv, exit_code)
+
+    return check

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import torch
 
+from pipeline.errors import CheckpointError, OutputError
 from pipeline.files import os_reason, write_whole
 
 # Test hook, for proving that a kill at any instant leaves a usable folder (tests/test_outputs.py): with
@@ -42,19 +43,6 @@ CHECKPOINT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "history": list,
     "rng": dict,
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which file, what is wrong and what to do."""
-
-
-class OutputError(RuntimeError):
-    """A file of the run could not be written (disk full, read-only folder, ...); the message names the file and the
-    operating system's reason. `errno` is the OSError's errno."""
-
-    def __init__(self, message: str, errno_: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno_
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:

@@ -16,6 +16,7 @@ import model
 from pipeline import LOADERS, check_seed, check_workers
 from pipeline.cli import DefaultsHelpFormatter, OneLineParser
 from pipeline.data import IMAGE_SHAPE
+from pipeline.errors import ConfigError
 from pipeline.spec import AugSpec
 
 if TYPE_CHECKING:
@@ -101,10 +102,6 @@ DEVICES = ("auto", "cuda", "cpu")
 TTAS = ("none", "flip")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CUDA_GRAPH = ("auto", "on", "off")
-
-
-class ConfigError(ValueError):
-    """A flag value that cannot work; reported as one line with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

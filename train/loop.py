@@ -10,15 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import Diverged
 from train.step import Sums, TrainStep, autocast
 
 # Read the running loss/accuracy and the non-finite marker back from the device only this often: each read is a
 # host-device sync, which would stall the queue of launched work (and, with a CUDA graph, most of the speed).
 SYNC_EVERY = 25
-
-
-class Diverged(RuntimeError):
-    """The loss stopped being finite."""
 
 
 class Progress(Protocol):
