@@ -21,9 +21,7 @@ def _positive_copy(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     m.bias.fill_(0.0)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_parameters()
-                m.running_mean.zero_()
-                m.running_var.fill_(1.0)
+                m.reset_parameters()  # running statistics 0 and 1: the identity in eval mode
     return probe
 
 
@@ -53,6 +51,7 @@ def feature_receptive_field(model: nn.Module, size: int = 32) -> int:
     fmap = captured[0]
     h, w = fmap.shape[2:]
     fmap[0, :, h // 2, w // 2].sum().backward()
+    assert x.grad is not None
     support = (x.grad[0].abs().sum(0) > 0).nonzero()
     return int(max(support[:, 0].max() - support[:, 0].min(), support[:, 1].max() - support[:, 1].min()) + 1)
 
@@ -62,6 +61,7 @@ def output_coverage(model: nn.Module, size: int = 32) -> float:
     probe = _positive_copy(model)
     x = torch.ones(1, 3, size, size, dtype=torch.double, requires_grad=True)
     probe(x)[0].sum().backward()
+    assert x.grad is not None
     return float((x.grad[0].abs().sum(0) > 0).double().mean())
 
 

@@ -40,7 +40,9 @@ class SeparableResidual(nn.Module):
             nn.Conv2d(c, c, 1, bias=False),
             nn.BatchNorm2d(c),
         )
-        nn.init.zeros_(self.body[-1].weight)  # zero-init residual: the block starts as the identity
+        last = self.body[-1]
+        assert isinstance(last, nn.BatchNorm2d)
+        nn.init.zeros_(last.weight)  # zero-init residual: the block starts as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x + self.body(x))

@@ -96,14 +96,15 @@ def make_loader(
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    args = dict(spec=spec, train=train, order=order, device=device, workers=workers)
     if kind == "cpu":
         from pipeline.albu_loader import AlbumentationsLoader
 
-        return AlbumentationsLoader(images, labels, batch_size, **args)
+        return AlbumentationsLoader(
+            images, labels, batch_size, spec=spec, train=train, order=order, device=device, workers=workers
+        )
     from pipeline.dali_loader import DaliLoader
 
-    return DaliLoader(images, labels, batch_size, **args)
+    return DaliLoader(images, labels, batch_size, spec=spec, train=train, order=order, device=device, workers=workers)
 
 
 __all__ = [

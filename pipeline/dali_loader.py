@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.augs import units_of
-from pipeline.augs.unit import Box, Shift
+from pipeline.augs import Box, Shift
 from pipeline.errors import DaliUnavailable
 from pipeline.order import Order, batch_sizes, epoch_batches, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
@@ -90,7 +89,7 @@ def _graphs():  # built on first use: importing DALI is slow and optional
 
     def normalize(pixels, spec: AugSpec, device: str):
         """(x / 255 - mean) / std per channel, as one multiply-add; float32 out."""
-        scale, shift = (np.float32(v).reshape(1, 1, 3) for v in spec.pixel_scale_shift())
+        scale, shift = (np.array(v, np.float32).reshape(1, 1, 3) for v in spec.pixel_scale_shift())
         return pixels * types.Constant(scale, device=device) - types.Constant(shift, device=device)
 
     def boxes_then_normalize(pixels, holes, gy, gx, layout: GraphLayout, spec: AugSpec, width: int, device: str):
@@ -114,7 +113,7 @@ def _graphs():  # built on first use: importing DALI is slow and optional
             src_x,
             src_y,
             pixel_origin="center",  # OpenCV's convention, the one albumentations (and pipeline.params) use
-            interp=types.INTERP_LINEAR,
+            interp=types.DALIInterpType.INTERP_LINEAR,
         )
 
     @pipeline_def
@@ -156,12 +155,12 @@ def _graphs():  # built on first use: importing DALI is slow and optional
         layout = graph_layout(spec)
         # No fill_value: DALI clamps at the border, which is the replicate border.
         warp = fn.external_source(name="warp")
-        warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.INTERP_LINEAR)
+        warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.DALIInterpType.INTERP_LINEAR)
         if layout.shifts:
             # A second warp, because the shift clamps at its own border (see pipeline.augs.unit.Shift); with whole
             # pixels, nearest-neighbour sampling is an exact copy.
             shift = fn.external_source(name="shift")
-            warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.INTERP_NN)
+            warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.DALIInterpType.INTERP_NN)
         if layout.fills:
             # Boxes with fn.erase, not the batched graph's mask blend: here a box is a per-sample argument from the
             # CPU, which erase takes, and it writes only the box instead of blending every pixel (the per-image
@@ -192,10 +191,9 @@ class GraphLayout:
 
 
 def graph_layout(spec: AugSpec) -> GraphLayout:
-    units = units_of(spec)
     return GraphLayout(
-        shifts=sum(isinstance(unit.effect, Shift) for unit in units),
-        fills=tuple(unit.effect.fill(spec) for unit in units if isinstance(unit.effect, Box)),
+        shifts=sum(isinstance(unit, Shift) for unit in spec.included),
+        fills=tuple(unit.fill_uint8 for unit in spec.included if isinstance(unit, Box)),
     )
 
 
@@ -414,8 +412,8 @@ class DaliLoader:
         cut = self._epoch_layout(sizes, per_chunk)
         groups, pieces = cut.groups, cut.pieces
         inputs: list[dict] = [{} for _ in groups]
-        if self.train:
-            params = params.for_units(units_of(self.spec), self.device)
+        if self.train and params is not None:
+            params = params.for_units(self.spec.included, self.device)
             matrices, shifts, holes = sampling_matrices(params, h, w), grid_shifts(params), hole_boxes(params)
             if self.graph == "per_image":
                 columns = {"warp": _to_dali_corner_convention(matrices)}
