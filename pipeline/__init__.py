@@ -9,9 +9,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipeline.data import CLASSES, load_cifar10, resolve_root
+from pipeline.data import load_cifar10, resolve_root
 from pipeline.errors import ConfigError, DataError
-from pipeline.order import SEED_MAX, Order, check_seed
+from pipeline.order import Order, check_seed
 from pipeline.spec import AugSpec
 
 LOADERS = ("cpu", "dali")
@@ -22,10 +22,8 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# The most worker processes (cpu loader) or DALI threads a loader may use, per usable core. Past one per core the
-# augmentation gains nothing (every core is busy already); each DataLoader worker is also a whole process (its own
-# Python, torch and albumentations, ~200 MB), so a typo like --workers 100000 would fork until the machine runs out
-# of memory. 4x leaves room for deliberate oversubscription (workers that wait on a slow disk) and refuses the rest.
+# Worker processes (cpu) or DALI threads per usable core at most: past one per core nothing is gained, and each
+# DataLoader worker is a ~200 MB process, so a typo like 100000 would exhaust memory. 4 leaves room to oversubscribe.
 WORKERS_PER_CORE_MAX = 4
 
 
@@ -54,11 +52,9 @@ def check_workers(workers: int | None, name: str = "workers", kind: str = "cpu")
 class Loader(Protocol):
     """What both loaders are, and all that train, bench and the gallery use of them.
 
-    Iterating yields one epoch of (x, y): x float32 [B, 3, H, W] channels_last, normalized; y int64 [B]; both on
-    the loader's device. Each pass is the next epoch; `set_epoch(e)` makes the next pass epoch e (to resume, as
-    DistributedSampler). `len()` is the number of batches per epoch, the same on every rank; `num_samples` the images
-    in this rank's shard of an epoch.
-    """
+    Iterating yields one epoch of (x, y): x float32 [B, 3, H, W] channels_last, normalized; y int64 [B]; on the
+    loader's device. Each pass is the next epoch; `set_epoch(e)` makes the next pass epoch e (to resume). `len()` is
+    the batches per epoch, the same on every rank; `num_samples` the images in this rank's shard of an epoch."""
 
     num_samples: int
     workers: int  # in use: DataLoader worker processes (cpu; 0 = the main process) or DALI threads (dali)
@@ -113,19 +109,4 @@ def make_loader(
     return DaliLoader(images, labels, batch_size, spec=spec, train=train, order=order, device=device, workers=workers)
 
 
-__all__ = [
-    "CLASSES",
-    "LOADERS",
-    "WORKERS_PER_CORE_MAX",
-    "AugSpec",
-    "DataError",
-    "Loader",
-    "Order",
-    "SEED_MAX",
-    "check_seed",
-    "check_workers",
-    "load_cifar10",
-    "make_loader",
-    "resolve_root",
-    "usable_cores",
-]
+__all__ = ["AugSpec", "DataError", "Order", "check_seed", "load_cifar10", "resolve_root"]  # re-exported

@@ -6,10 +6,9 @@ DataLoader runs it in worker processes and hands back normalized float batches i
 
 from __future__ import annotations
 
-import functools
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import albumentations as A
@@ -18,8 +17,6 @@ import numpy as np
 import torch
 
 from pipeline import usable_cores
-from pipeline.augs import Aug
-from pipeline.errors import ConfigError
 from pipeline.order import Order, epoch_batches, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
 
@@ -28,36 +25,10 @@ cv2.setNumThreads(0)
 
 
 def build_transform(spec: AugSpec, height: int, width: int, train: bool = True) -> A.Compose:
-    """The albumentations pipeline for `spec` and (height, width) images: each unit's twin (pipeline/augs/), in
-    composition order, then Normalize; Normalize alone when `train` is False."""
-    twins, normalize = _transforms(spec, height, width)
-    return A.Compose([transform for _, transform in twins] + [normalize] if train else [normalize])
-
-
-def _transforms(spec: AugSpec, height: int, width: int) -> tuple[list[tuple[Aug, A.BasicTransform]], A.Normalize]:
-    twins = [(unit, unit.albu(height, width)) for unit in spec.included]
-    return twins, A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
-
-
-# apply_fixed runs image by image; its transforms are only ever called through .apply, so they can be shared.
-_fixed_transforms = functools.lru_cache(maxsize=16)(_transforms)
-
-
-def apply_fixed(spec: AugSpec, image: np.ndarray, row: Mapping[str, float | bool]) -> np.ndarray:
-    """Augment one HWC uint8 image with explicit parameters instead of random ones, through the same transforms
-    `build_transform` makes: the albumentations side of the parity tests' seam. `row` is keyed by parameter name
-    (as `AugParams.fixed`); a key it leaves out takes its 'not applied' value. Returns HWC float32, normalized.
-    Raises ConfigError for a parameter of a unit `spec` does not include."""
-    twins, normalize = _fixed_transforms(spec, *image.shape[:2])
-    included = {unit.name for unit, _ in twins}
-    for name in row:
-        owner = spec.unit_of_column(name).name
-        if owner not in included:
-            raise ConfigError(f"parameter {name!r} belongs to {owner}, which the spec does not include")
-    out = image
-    for unit, transform in twins:
-        out = unit.albu_apply(transform, out, {name: row.get(name, default) for name, default in unit.columns.items()})
-    return normalize.apply(out)
+    """The albumentations pipeline for `spec` and (height, width) images: each included unit's twin, in composition
+    order, then Normalize; Normalize alone when `train` is False."""
+    normalize = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
+    return A.Compose([unit.albu(height, width) for unit in spec.included] + [normalize] if train else [normalize])
 
 
 class _AugmentedImages(torch.utils.data.Dataset):

@@ -1,12 +1,9 @@
 """Per-image augmentation parameters for the DALI loader: drawn densely, a whole epoch per call, on the device.
 
-Why here and not inside the DALI graph: DALI's random operators feed *argument* inputs from the CPU, one sample at a
-time, which caps a 32x32 pipeline near 46k img/s (see README, "The DALI pipeline"). One torch.rand per epoch draws
-every uniform for every image on the GPU; each unit (pipeline/augs/) turns its rows into its parameter columns with
-the distributions albumentations 2.x draws from for the same AugSpec (tests/test_parity.py checks them against each
-other), and DALI then applies them.
-
-The same numbers can also be given explicitly (`AugParams.fixed`): that is the seam the parity tests use.
+Not inside the DALI graph: DALI's random operators feed *argument* inputs from the CPU, one sample at a time, which
+caps a 32x32 pipeline near 46k img/s. One torch.rand per epoch draws every uniform for every image on the GPU; each
+unit turns its rows into its columns with the distributions albumentations 2.x draws from (tests/test_parity.py).
+`AugParams.fixed` gives them explicitly instead: the parity tests' seam.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import scipy.stats
 import torch
 from conftest import LOADER_VARIANTS, build_loader, smooth_images
 
-from pipeline.albu_loader import apply_fixed
+from pipeline.albu_loader import build_transform
 from pipeline.augs import Aug
 from pipeline.params import AugParams
 from pipeline.spec import AugSpec
@@ -408,8 +408,16 @@ def dali_fixed(variant: str, spec: AugSpec, images: np.ndarray, rows: list[dict]
 
 
 def albu_fixed(spec: AugSpec, images: np.ndarray, rows: list[dict]) -> np.ndarray:
-    out = np.stack([apply_fixed(spec, image, row) for image, row in zip(images, rows, strict=True)])
-    return to_pixels(torch.from_numpy(out).permute(0, 3, 1, 2), spec)
+    """The loader's albumentations transforms, each applied by its unit with the row's explicit parameters (a key
+    a row leaves out takes its 'not applied' value)."""
+    *twins, normalize = build_transform(spec, *images.shape[1:3]).transforms
+    out = []
+    for image, row in zip(images, rows, strict=True):
+        assert {spec.unit_of_column(name).name for name in row} <= {unit.name for unit in spec.included}
+        for unit, transform in zip(spec.included, twins, strict=True):
+            image = unit.albu_apply(transform, image, {name: row.get(name, d) for name, d in unit.columns.items()})
+        out.append(normalize.apply(image))
+    return to_pixels(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2), spec)
 
 
 @pytest.mark.parametrize("spec_name", SPECS)

@@ -10,7 +10,7 @@ import cv2
 import pytest
 import torch
 
-from pipeline.albu_loader import apply_fixed, build_transform
+from pipeline.albu_loader import build_transform
 from pipeline.augs import Box, Cutout, Flip, PadCrop, Shift, Warp
 from pipeline.errors import ConfigError
 from pipeline.params import AugParams, draw_params
@@ -193,14 +193,6 @@ def test_fixed_parameters_hold_the_named_units_with_their_defaults():
     assert [u.name for u in full.units] == [u.name for u in UNITS]
     with pytest.raises(ConfigError, match="flip, which this spec does not include"):
         params.for_units([u for u in UNITS if u.name != "flip"], "cpu")
-
-
-def test_apply_fixed_refuses_a_parameter_the_spec_does_not_include():
-    image = torch.zeros((32, 32, 3), dtype=torch.uint8).numpy()
-    with pytest.raises(ConfigError, match="'crop_x' belongs to pad_crop, which the spec does not include"):
-        apply_fixed(AugSpec(), image, {"crop_x": 1.0})
-    with pytest.raises(ConfigError, match="unknown augmentation parameter"):
-        apply_fixed(AugSpec(), image, {"wobble": 1.0})
 
 
 def test_pad_and_crop_is_opt_in_and_built_from_the_spec():
