@@ -90,7 +90,7 @@ class AugSpec:
         shift = tuple(m / s for m, s in zip(self.mean, self.std, strict=True))
         return scale, shift
 
-    def keys(self) -> dict[str, tuple[str, str]]:
+    def aug_keys(self) -> dict[str, tuple[str, str]]:
         """`--aug` key -> (AugSpec field, the unit's field; "" for mean and std)."""
         keys = {unit.key(f.name): (unit.name, f.name) for unit in self.units for f in dataclasses.fields(unit)}
         return {**keys, "mean": ("mean", ""), "std": ("std", "")}
@@ -102,7 +102,7 @@ class AugSpec:
         A mean or std takes comma-separated values, one value meaning the same for every channel. Raises
         ConfigError naming the key."""
         spec = base or cls()
-        keys = spec.keys()
+        keys = spec.aug_keys()
         changes: dict[str, dict[str, object]] = {}  # AugSpec field -> the unit's changed fields ("" for mean, std)
         for item in items:
             key, sep, raw = item.partition("=")

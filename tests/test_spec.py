@@ -29,7 +29,7 @@ def test_defaults_are_the_seeds():
 
 
 def test_aug_keys_are_the_ones_users_write():
-    assert list(AugSpec().keys()) == [
+    assert list(AugSpec().aug_keys()) == [
         "ssr_p",
         "shift_max_frac",
         "scale_max_delta",
