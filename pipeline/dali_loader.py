@@ -105,11 +105,9 @@ def _graphs():  # built on first use: importing DALI is slow and optional
 
     @pipeline_def
     def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu", remap=dali_remap):
-        """GPU graph. Inputs per iteration, per DALI sample of N <= IMAGES_PER_SAMPLE images:
-        images (N*H, W, 3) uint8; warp (layout.warp_rows, N, 1, 1): the sampling matrix rows a..f, the Shift unit's
-        (x, y) offsets if the spec has one, and each image's first row in the tall image; holes (4 per Box unit, N,
-        1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with OpenCV standing in for the
-        GPU-only remap.)"""
+        """GPU graph. Inputs per DALI sample of N <= IMAGES_PER_SAMPLE images: images (N*H, W, 3) uint8; warp
+        (layout.warp_rows, N, 1, 1): the matrix rows a..f, the Shift unit's (x, y) offsets if any, each image's first
+        row in the tall image; holes (4 per Box unit, N, 1, 1). `device`/`remap` let CI run it on the CPU."""
         images = fn.external_source(name="images", device=device, layout="HWC")
         if not augment:
             return normalize(images, spec, device)
@@ -149,11 +147,8 @@ def _graphs():  # built on first use: importing DALI is slow and optional
             shift = fn.external_source(name="shift")
             warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.DALIInterpType.INTERP_NN)
         if layout.fills:
-            # Boxes with fn.erase, not the batched graph's mask blend: here a box is a per-sample argument from the
-            # CPU, which erase takes, and it writes only the box instead of blending every pixel (the per-image
-            # graph ran at 32k img/s with the blend and 55k with erase, 2 threads, this project's 2-core machine).
-            # The result is the same: the fill inside [y0, y1) x [x0, x1), the image elsewhere; an empty box erases
-            # nothing.
+            # fn.erase, not the batched graph's mask blend: the same pixels, but erase writes only the box (55k img/s
+            # against the blend's 32k on the 2-core machine); an empty box erases nothing.
             holes = fn.external_source(name="holes")  # per image: (Box units, 4) [y0, x0, y1, x1)
             for k, fill in enumerate(layout.fills):
                 box = holes[k]
