@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augs import units_of
 from pipeline.dali_loader import CHUNK_IMAGES, graph_layout
 from pipeline.order import Order, epoch_batches, num_batches
 from pipeline.params import draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
@@ -115,7 +114,7 @@ def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
 
     # kornia has its own modules, named here one by one: a unit added to pipeline/augs/ without a twin below would be
     # left out silently, so it is refused instead.
-    missing = [unit.name for unit in units_of(spec) if unit.name not in KORNIA_TWINS]
+    missing = [unit.name for unit in spec.included if unit.name not in KORNIA_TWINS]
     if missing:
         raise ValueError(f"the kornia peer has no twin for {', '.join(missing)} (bench/peers.py kornia_augment)")
 
@@ -126,26 +125,27 @@ def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
 
         def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
             n, h, w = batch_shape[0], batch_shape[-2], batch_shape[-1]
-            always = dataclasses.replace(spec, cutout_p=1.0)  # the gate is kornia's p; every drawn box is a hole
+            # the gate is kornia's p; every drawn box is a hole
+            always = dataclasses.replace(spec, cutout=dataclasses.replace(spec.cutout, p=1.0))
             y0, x0, y1, x1 = hole_boxes(draw_params(always, n, h, w, torch.default_generator, "cpu")).T
             return {"xs": x0, "ys": y0, "widths": x1 - x0, "heights": y1 - y0, "values": torch.full((n,), self.value)}
 
-    delta = spec.scale_max_delta
+    delta = spec.ssr.scale_max_delta
     steps: list[torch.nn.Module] = [
         K.RandomAffine(
-            degrees=spec.rotate_max_deg,
-            translate=(spec.shift_max_frac, spec.shift_max_frac),
+            degrees=spec.ssr.rotate_max_deg,
+            translate=(spec.ssr.shift_max_frac, spec.ssr.shift_max_frac),
             scale=(1 - delta, 1 + delta),  # two values: isotropic
             padding_mode="border",
             align_corners=False,
-            p=spec.ssr_p,
+            p=spec.ssr.p,
         ),
-        K.RandomHorizontalFlip(p=spec.flip_p),
+        K.RandomHorizontalFlip(p=spec.flip.p),
     ]
-    if spec.pad_crop_px:  # pad-and-crop: whole-pixel window offsets uniform over {-N .. N}, replicate border
-        steps.append(K.RandomCrop((height, width), padding=spec.pad_crop_px, padding_mode="replicate"))
+    if spec.pad_crop.px:  # pad-and-crop: whole-pixel window offsets uniform over {-N .. N}, replicate border
+        steps.append(K.RandomCrop((height, width), padding=spec.pad_crop.px, padding_mode="replicate"))
     steps += [
-        OneHoleCutout(value=spec.cutout_fill_uint8 / 255, p=spec.cutout_p),
+        OneHoleCutout(value=spec.cutout.fill_uint8 / 255, p=spec.cutout.p),
         K.Normalize(mean=torch.tensor(spec.mean), std=torch.tensor(spec.std)),
     ]
     return torch.nn.Sequential(*steps)

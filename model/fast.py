@@ -31,6 +31,8 @@ class SeparableResidual(nn.Module):
     def __init__(self, channels: int, dilation: int = 1):
         super().__init__()
         c = channels
+        last = nn.BatchNorm2d(c)
+        nn.init.zeros_(last.weight)  # zero-init residual: the block starts as the identity
         self.body = nn.Sequential(
             nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=False),
             nn.Conv2d(c, c, 1, bias=False),
@@ -38,9 +40,8 @@ class SeparableResidual(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=False),
             nn.Conv2d(c, c, 1, bias=False),
-            nn.BatchNorm2d(c),
+            last,
         )
-        nn.init.zeros_(self.body[-1].weight)  # zero-init residual: the block starts as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x + self.body(x))

@@ -9,8 +9,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pipeline.data import CLASSES, DataError, load_cifar10, resolve_root
-from pipeline.order import SEED_MAX, Order, check_seed
+from pipeline.data import load_cifar10, resolve_root
+from pipeline.errors import ConfigError, DataError
+from pipeline.order import Order, check_seed
 from pipeline.spec import AugSpec
 
 LOADERS = ("cpu", "dali")
@@ -21,24 +22,27 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# The most worker processes (cpu loader) or DALI threads a loader may use, per usable core. Past one per core the
-# augmentation gains nothing (every core is busy already); each DataLoader worker is also a whole process (its own
-# Python, torch and albumentations, ~200 MB), so a typo like --workers 100000 would fork until the machine runs out
-# of memory. 4x leaves room for deliberate oversubscription (workers that wait on a slow disk) and refuses the rest.
+# Worker processes (cpu) or DALI threads per usable core at most: past one per core nothing is gained, and each
+# DataLoader worker is a ~200 MB process, so a typo like 100000 would exhaust memory. 4 leaves room to oversubscribe.
 WORKERS_PER_CORE_MAX = 4
 
 
-def check_workers(workers: int | None, name: str = "workers") -> None:
-    """Refuse a worker count a loader cannot use: negative, or more than WORKERS_PER_CORE_MAX per usable core.
-    None (the loader's default) passes. `name` is what the message calls it (a flag, for a command line).
-    Raises ValueError with one line that names the limit and why."""
+def check_workers(workers: int | None, name: str = "workers", kind: str = "cpu") -> None:
+    """Refuse a worker count loader `kind` cannot use: below 0 (cpu: 0 is the main process alone) or 1 (dali: its
+    threads), or more than WORKERS_PER_CORE_MAX per usable core. None (the loader's default) passes. `name` is what
+    the message calls it (a flag, for a command line). Raises ConfigError with one line that names the limit."""
     if workers is None:
         return
+    if kind == "dali" and workers == 0:
+        raise ConfigError(
+            f"{name} 0: the DALI loader needs at least one thread (0 means the main process alone only "
+            f"for the cpu loader); use {name} 1 or more, or leave it out for the default"
+        )
     if workers < 0:
-        raise ValueError(f"{name} must be >= 0, got {workers}")
+        raise ConfigError(f"{name} must be >= 0, got {workers}")
     cores = usable_cores()
     if workers > WORKERS_PER_CORE_MAX * cores:
-        raise ValueError(
+        raise ConfigError(
             f"{name} {workers} is more than {WORKERS_PER_CORE_MAX} per usable core ({cores} cores here: at most "
             f"{WORKERS_PER_CORE_MAX * cores}); more buy no speed and each worker process costs memory"
         )
@@ -48,11 +52,9 @@ def check_workers(workers: int | None, name: str = "workers") -> None:
 class Loader(Protocol):
     """What both loaders are, and all that train, bench and the gallery use of them.
 
-    Iterating yields one epoch of (x, y): x float32 [B, 3, H, W] channels_last, normalized; y int64 [B]; both on
-    the loader's device. Each pass is the next epoch; `set_epoch(e)` makes the next pass epoch e (to resume, as
-    DistributedSampler). `len()` is the number of batches per epoch, the same on every rank; `num_samples` the images
-    in this rank's shard of an epoch.
-    """
+    Iterating yields one epoch of (x, y): x float32 [B, 3, H, W] channels_last, normalized; y int64 [B]; on the
+    loader's device. Each pass is the next epoch; `set_epoch(e)` makes the next pass epoch e (to resume). `len()` is
+    the batches per epoch, the same on every rank; `num_samples` the images in this rank's shard of an epoch."""
 
     num_samples: int
     workers: int  # in use: DataLoader worker processes (cpu; 0 = the main process) or DALI threads (dali)
@@ -82,43 +84,29 @@ def make_loader(
     `device` is CUDA, DALI's CPU operators otherwise. `spec` (default: the seed's) says how to augment and normalize;
     `train=False` means normalization only. `order` (default: shuffled from seed 0, one rank) says which images this
     rank sees and in what batches: across ranks every image comes exactly once per epoch. `workers`: DataLoader
-    worker processes (cpu) or DALI threads (check_workers bounds both). Raises ValueError for a bad kind, batch
+    worker processes (cpu) or DALI threads (check_workers bounds both). Raises ConfigError for a bad kind, batch
     size, worker count, image array or spec.
     """
     spec = spec or AugSpec()
     order = order or Order()
     if kind not in LOADERS:
-        raise ValueError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
+        raise ConfigError(f"unknown loader {kind!r}; choose one of {', '.join(LOADERS)}")
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    check_workers(workers)
+        raise ConfigError(f"batch_size must be > 0, got {batch_size}")
+    check_workers(workers, kind=kind)
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+        raise ConfigError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    args = dict(spec=spec, train=train, order=order, device=device, workers=workers)
+        raise ConfigError(f"{len(images)} images but {len(labels)} labels")
     if kind == "cpu":
         from pipeline.albu_loader import AlbumentationsLoader
 
-        return AlbumentationsLoader(images, labels, batch_size, **args)
+        return AlbumentationsLoader(
+            images, labels, batch_size, spec=spec, train=train, order=order, device=device, workers=workers
+        )
     from pipeline.dali_loader import DaliLoader
 
-    return DaliLoader(images, labels, batch_size, **args)
+    return DaliLoader(images, labels, batch_size, spec=spec, train=train, order=order, device=device, workers=workers)
 
 
-__all__ = [
-    "CLASSES",
-    "LOADERS",
-    "WORKERS_PER_CORE_MAX",
-    "AugSpec",
-    "DataError",
-    "Loader",
-    "Order",
-    "SEED_MAX",
-    "check_seed",
-    "check_workers",
-    "load_cifar10",
-    "make_loader",
-    "resolve_root",
-    "usable_cores",
-]
+__all__ = ["AugSpec", "DataError", "Order", "check_seed", "load_cifar10", "resolve_root"]  # re-exported

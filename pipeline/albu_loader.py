@@ -6,10 +6,10 @@ DataLoader runs it in worker processes and hands back normalized float batches i
 
 from __future__ import annotations
 
-import functools
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from pipeline import usable_cores
-from pipeline.augs import Aug, unit_of_column, units_of
 from pipeline.order import Order, epoch_batches, num_batches, sample_seeds, shard_size
 from pipeline.spec import AugSpec
 
@@ -26,36 +25,10 @@ cv2.setNumThreads(0)
 
 
 def build_transform(spec: AugSpec, height: int, width: int, train: bool = True) -> A.Compose:
-    """The albumentations pipeline for `spec` and (height, width) images: each unit's twin (pipeline/augs/), in
-    composition order, then Normalize; Normalize alone when `train` is False."""
-    twins, normalize = _transforms(spec, height, width)
-    return A.Compose([transform for _, transform in twins] + [normalize] if train else [normalize])
-
-
-def _transforms(spec: AugSpec, height: int, width: int) -> tuple[list[tuple[Aug, A.BasicTransform]], A.Normalize]:
-    twins = [(unit, unit.albu(spec, height, width)) for unit in units_of(spec)]
-    return twins, A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
-
-
-# apply_fixed runs image by image; its transforms are only ever called through .apply, so they can be shared.
-_fixed_transforms = functools.lru_cache(maxsize=16)(_transforms)
-
-
-def apply_fixed(spec: AugSpec, image: np.ndarray, row: Mapping[str, float | bool]) -> np.ndarray:
-    """Augment one HWC uint8 image with explicit parameters instead of random ones, through the same transforms
-    `build_transform` makes: the albumentations side of the parity tests' seam. `row` is keyed by parameter name
-    (as `AugParams.fixed`); a key it leaves out takes its 'not applied' value. Returns HWC float32, normalized.
-    Raises ValueError for a parameter of a unit `spec` does not include."""
-    twins, normalize = _fixed_transforms(spec, *image.shape[:2])
-    included = {unit.name for unit, _ in twins}
-    for name in row:
-        owner = unit_of_column(name).name
-        if owner not in included:
-            raise ValueError(f"parameter {name!r} belongs to {owner}, which the spec does not include")
-    out = image
-    for unit, transform in twins:
-        out = unit.albu_apply(transform, out, {name: row.get(name, default) for name, default in unit.columns.items()})
-    return normalize.apply(out)
+    """The albumentations pipeline for `spec` and (height, width) images: each included unit's twin, in composition
+    order, then Normalize; Normalize alone when `train` is False."""
+    normalize = A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
+    return A.Compose([unit.albu(height, width) for unit in spec.included] + [normalize] if train else [normalize])
 
 
 class _AugmentedImages(torch.utils.data.Dataset):
@@ -93,7 +66,7 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield [(int(i), int(seeds[i])) for i in batch]
 
 
-def _already_collated(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _already_collated(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch
 
 
@@ -117,14 +90,15 @@ class AlbumentationsLoader:
         device: str | torch.device,
         workers: int | None,
     ):
+        height, width = images.shape[1:3]
         if train:
-            spec.check_image_size(*images.shape[1:3])
+            spec.check_image_size(height, width)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.workers = usable_cores() if workers is None else workers
         self.sampler = _EpochBatches(len(images), batch_size, order)
         self.num_samples = shard_size(len(images), order)
-        dataset = _AugmentedImages(images, labels, build_transform(spec, *images.shape[1:3], train))
+        dataset = _AugmentedImages(images, labels, build_transform(spec, height, width, train))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "This DataLoader will create N worker processes" notes
             self._loader = torch.utils.data.DataLoader(

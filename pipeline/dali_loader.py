@@ -1,25 +1,20 @@
-"""The DALI loader: the AugSpec's augmentation units (pipeline/augs/) and normalize, from the same spec, on the GPU.
+"""The DALI loader: the AugSpec's units (pipeline/augs/) and normalize, from the same spec, on the GPU.
 
-Two graphs share one parameter design (pipeline.params) and one box-blend+normalize function, and compose the units
-by the kind of their effect (pipeline/augs/unit.py), so neither names an augmentation: every `Warp` folded into one
-sampling matrix per image, a `Shift` (pad-and-crop) clamping the whole-pixel grid before it, each `Box` (cutout) a
-mask blended with its fill. `GraphLayout` is what a spec's units put into a graph.
+Two graphs compose the units by their kind, so neither names an augmentation: every `Warp` folded into one sampling
+matrix per image, a `Shift` clamping the whole-pixel grid before it, each `Box` a mask blended with its fill.
 
-* GPU (`batched_pipeline`): one DALI *sample* is a whole batch, N images stacked into one tall (N*32, 32, 3)
-  image. DALI's cost is per sample and per operator, not per pixel, for 32x32 images, so a batch of one sample
-  costs the same few operator launches at any N. Sampling maps for all N images are built with broadcasting
-  arithmetic, clamped inside each image's own tile (that is the replicate border), and one `experimental.remap`
-  resamples everything. Boxes are mask blends; normalize is arithmetic. The training set stays resident on the GPU.
-* CPU (`per_image_pipeline`): `experimental.remap` has no CPU implementation, so on a machine without a GPU each
-  sample is one image and `warp_affine` takes its matrix (a second, whole-pixel one for a Shift). Same matrices,
-  same box and normalize code.
+* GPU (`batched_pipeline`): one DALI sample is N images stacked into one tall (N*32, 32, 3) image. DALI's cost is
+  per sample and per operator, not per pixel, so a sample costs the same few operator launches at any N. Sampling
+  maps are built with broadcasting arithmetic, clamped inside each image's tile (the replicate border), and one
+  `experimental.remap` resamples everything. The training set stays resident on the GPU.
+* CPU (`per_image_pipeline`): `experimental.remap` has no CPU implementation, so each sample is one image and
+  `warp_affine` takes its matrix. Same matrices, same box and normalize code.
 
-Both emit NHWC float32; viewed as NCHW that is exactly torch's channels_last memory, so no transpose is ever made.
+Both emit NHWC float32, which viewed as NCHW is torch's channels_last memory: no transpose is made.
 
-DALI's iteration is not the training batch. One DALI iteration augments a *chunk* of whole training batches (up to
-CHUNK_IMAGES images on the GPU) into fresh device memory, one chunk ahead of the training loop; the loop's batches
-are slices of that memory. Per training batch the loader calls no DALI function and runs no torch kernel; DALI's
-fixed cost per iteration (~2-3 ms of host time) is paid once per chunk (`python -m bench.host_ops` counts both).
+One DALI iteration augments a *chunk* of whole training batches into fresh device memory, one chunk ahead of the
+training loop (at an epoch's end, the next epoch's first chunk); batches are slices of it. Per batch the loader
+calls no DALI function and runs no torch kernel (`python -m bench.host_ops` counts both).
 """
 
 from __future__ import annotations
@@ -30,35 +25,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.augs import units_of
-from pipeline.augs.unit import Box, Shift
+from pipeline.augs import Box, Shift
 from pipeline.errors import DaliUnavailable
 from pipeline.order import Order, batch_sizes, epoch_batches, num_batches, shard_size
 from pipeline.params import AugParams, draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
-# Images DALI augments per iteration: a chunk. DALI costs a fixed ~2-3 ms of host time per iteration (executor,
-# operator launches; measured on an H200 host, issue 10) plus a little per DALI sample. Paid per training batch it
-# capped the loader at 59k/179k/605k img/s at batch 128/512/2048; over 8,192 images it is ~0.3 us per image, a
-# ceiling above 2.5M img/s, while a chunk's output stays small on the device: 8,192 x 3x32x32 float32 = 100.7 MB
-# (see DaliLoader for the total). A chunk is whole training batches: as many as fit in this many images, at least
-# one (so a batch never straddles two chunks), and the whole shard when it is smaller.
+# Images per chunk on the GPU. DALI costs a fixed ~2-3 ms of host time per iteration (measured on an H200 host): paid
+# per batch it capped the loader at 59k/179k/605k img/s at batch 128/512/2048; over 8,192 images it is ~0.3 us per
+# image, while a chunk's output stays small (8,192 x 3x32x32 float32 = 100.7 MB). A chunk holds as many whole
+# batches as fit, at least one.
 CHUNK_IMAGES = 8192
-# The per-image CPU graph's chunk. On the CPU, DALI's cost per iteration is small next to its work per image (~55 us
-# of CPU time per image on the 2-core development machine), and a chunk whose buffers outgrow the CPU's caches costs
-# more than the iterations it saves. Measured there at batch 512 (32,768 images, 2 DALI threads, 10 alternating
-# epochs each on a loaded machine): CPU time per image 70 us with one iteration per batch (before chunks), 54 us
-# with chunks of 4,096, 63 us with 8,192.
+# Images per chunk on the CPU, where a chunk that outgrows the caches costs more than the iterations it saves
+# (2-core machine, batch 512: 70 us of CPU time per image with a chunk per batch, 54 us at 4,096, 63 us at 8,192).
 CPU_CHUNK_IMAGES = 4096
-# Chunks fed to DALI ahead of the one whose batches the loop is training on. One keeps DALI augmenting while the
-# model trains, as long as DALI augments a chunk faster than the model trains on it (the loader-alone target,
-# >= 1.5M img/s, is five times the model's ~300k img/s). More would only hold more device memory.
+# Chunks queued in DALI ahead of the one the loop trains on: one keeps DALI busy as long as it augments faster than
+# the model trains (the loader-alone target, >= 1.5M img/s, is five times the model's ~300k img/s).
 CHUNKS_AHEAD = 1
-# Images stacked into one tall DALI sample. Row coordinates in the tall image are float32: at 256 images (8,192
-# rows) their resolution is 1/1024 px; a whole 2,048-image batch in one sample (65,536 rows) would leave 1/128 px
-# and visibly shift the bilinear weights. Each training batch is cut into samples of this many images counted from
-# the batch's own start, so an image's tile in its sample, and so its float32 coordinates to the last bit, is the
-# same whatever the chunk size.
+# Images per tall DALI sample. Its row coordinates are float32: at 256 images (8,192 rows) they resolve 1/1024 px,
+# at 2,048 images 1/128 px, which visibly shifts the bilinear weights. Batches are cut into samples from their own
+# start, so an image's coordinates, to the last bit, do not depend on the chunk size.
 IMAGES_PER_SAMPLE = 256
 
 _warned_cpu_mode = False
@@ -90,7 +76,7 @@ def _graphs():  # built on first use: importing DALI is slow and optional
 
     def normalize(pixels, spec: AugSpec, device: str):
         """(x / 255 - mean) / std per channel, as one multiply-add; float32 out."""
-        scale, shift = (np.float32(v).reshape(1, 1, 3) for v in spec.pixel_scale_shift())
+        scale, shift = (np.array(v, np.float32).reshape(1, 1, 3) for v in spec.pixel_scale_shift())
         return pixels * types.Constant(scale, device=device) - types.Constant(shift, device=device)
 
     def boxes_then_normalize(pixels, holes, gy, gx, layout: GraphLayout, spec: AugSpec, width: int, device: str):
@@ -114,16 +100,14 @@ def _graphs():  # built on first use: importing DALI is slow and optional
             src_x,
             src_y,
             pixel_origin="center",  # OpenCV's convention, the one albumentations (and pipeline.params) use
-            interp=types.INTERP_LINEAR,
+            interp=types.DALIInterpType.INTERP_LINEAR,
         )
 
     @pipeline_def
     def batched_pipeline(spec: AugSpec, height: int, width: int, augment: bool, device: str = "gpu", remap=dali_remap):
-        """GPU graph. Inputs per iteration, per DALI sample of N <= IMAGES_PER_SAMPLE images:
-        images (N*H, W, 3) uint8; warp (layout.warp_rows, N, 1, 1): the sampling matrix rows a..f, the Shift unit's
-        (x, y) offsets if the spec has one, and each image's first row in the tall image; holes (4 per Box unit, N,
-        1, 1). (`device`/`remap` exist so that CI can run this graph on the CPU with OpenCV standing in for the
-        GPU-only remap.)"""
+        """GPU graph. Inputs per DALI sample of N <= IMAGES_PER_SAMPLE images: images (N*H, W, 3) uint8; warp
+        (layout.warp_rows, N, 1, 1): the matrix rows a..f, the Shift unit's (x, y) offsets if any, each image's first
+        row in the tall image; holes (4 per Box unit, N, 1, 1). `device`/`remap` let CI run it on the CPU."""
         images = fn.external_source(name="images", device=device, layout="HWC")
         if not augment:
             return normalize(images, spec, device)
@@ -156,18 +140,15 @@ def _graphs():  # built on first use: importing DALI is slow and optional
         layout = graph_layout(spec)
         # No fill_value: DALI clamps at the border, which is the replicate border.
         warp = fn.external_source(name="warp")
-        warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.INTERP_LINEAR)
+        warped = fn.warp_affine(images, warp, inverse_map=True, interp_type=types.DALIInterpType.INTERP_LINEAR)
         if layout.shifts:
             # A second warp, because the shift clamps at its own border (see pipeline.augs.unit.Shift); with whole
             # pixels, nearest-neighbour sampling is an exact copy.
             shift = fn.external_source(name="shift")
-            warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.INTERP_NN)
+            warped = fn.warp_affine(warped, shift, inverse_map=True, interp_type=types.DALIInterpType.INTERP_NN)
         if layout.fills:
-            # Boxes with fn.erase, not the batched graph's mask blend: here a box is a per-sample argument from the
-            # CPU, which erase takes, and it writes only the box instead of blending every pixel (the per-image
-            # graph ran at 32k img/s with the blend and 55k with erase, 2 threads, this project's 2-core machine).
-            # The result is the same: the fill inside [y0, y1) x [x0, x1), the image elsewhere; an empty box erases
-            # nothing.
+            # fn.erase, not the batched graph's mask blend: the same pixels, but erase writes only the box (55k img/s
+            # against the blend's 32k on the 2-core machine); an empty box erases nothing.
             holes = fn.external_source(name="holes")  # per image: (Box units, 4) [y0, x0, y1, x1)
             for k, fill in enumerate(layout.fills):
                 box = holes[k]
@@ -192,10 +173,9 @@ class GraphLayout:
 
 
 def graph_layout(spec: AugSpec) -> GraphLayout:
-    units = units_of(spec)
     return GraphLayout(
-        shifts=sum(isinstance(unit.effect, Shift) for unit in units),
-        fills=tuple(unit.effect.fill(spec) for unit in units if isinstance(unit.effect, Box)),
+        shifts=sum(isinstance(unit, Shift) for unit in spec.included),
+        fills=tuple(unit.fill_uint8 for unit in spec.included if isinstance(unit, Box)),
     )
 
 
@@ -215,6 +195,16 @@ class _Chunk:
     spans: list[tuple[int, int]]  # [start, end) of each of its training batches in the epoch's order
     samples: list[int]  # batched graph: images in each DALI sample (each batch cut into IMAGES_PER_SAMPLE pieces)
     inputs: dict  # the other DALI inputs by name: a tensor (first axis = samples) or a list (one per sample)
+
+
+@dataclass
+class _Epoch:
+    """One epoch's chunks with their DALI inputs, and its labels in order; the first `fed` chunks are fed to DALI."""
+
+    number: int
+    chunks: list[_Chunk]
+    labels: torch.Tensor
+    fed: int = 0
 
 
 @dataclass
@@ -238,28 +228,22 @@ class _EpochLayout:
 
 class DaliLoader:
     """Yields (x, y) like the CPU loader: x float32 [B,3,H,W] channels_last, normalized; y int64 [B]; on `device`.
+    Satisfies pipeline.Loader: each pass is the next epoch of this rank's shard in `order`'s batches; parameters come
+    from a generator seeded by (seed, epoch, rank), so an epoch is reproducible on its own, e.g. after resuming.
 
-    Each pass is one epoch (the epoch number advances by itself; `set_epoch` jumps), reshuffled from seed + epoch,
-    this rank's shard only, in the batches `order` gives (pipeline.order, as the CPU loader). Augmentation parameters
-    come from a generator seeded by (seed, epoch, rank), so an epoch is reproducible on its own, e.g. after resuming.
-    Satisfies pipeline.Loader.
+    DALI augments an epoch in chunks of `chunk_batches` whole batches (at most `chunk_images` images, at least one
+    batch), each into fresh memory, CHUNKS_AHEAD chunk(s) ahead of the one handed out; the next epoch's first chunk
+    is queued during this epoch's last. A batch is a view of its chunk's memory, valid while the consumer holds it.
+    No output bit depends on the chunk size (tests/test_loaders.py). A consumer that stops early leaves none of its
+    epoch's chunks queued.
 
-    DALI augments the epoch in chunks of `chunk_batches` whole batches (`chunk_images` images at most, at least one
-    batch; default CHUNK_IMAGES for the batched graph, CPU_CHUNK_IMAGES for the per-image one), each into fresh
-    memory on `device`, CHUNKS_AHEAD chunk(s) ahead of the one being handed out. Every batch handed out is a view
-    (slice) of its chunk's memory, valid as long as the consumer holds it (torch frees the chunk when its last view
-    dies). The chunk size changes no batch's content: the same images, parameters and output bits for any
-    `chunk_images` (tests/test_loaders.py). A consumer that stops early leaves nothing queued in DALI (the chunk in
-    flight is drained when the iterator is closed or collected).
+    Device memory at the default chunk size, estimated (not yet measured): the split (150 MB for CIFAR-10's training
+    set), the chunk in training (100.7 MB), DALI's output of it until its copy is done (the same) and the chunk being
+    augmented with its sampling maps and masks (a few hundred MB): under 1 GB.
 
-    Device memory, for CIFAR's 32x32 images at the default chunk size: the split itself (uint8, 150 MB for the
-    training set), the chunk the loop trains on (8,192 x 3x32x32 float32 = 100.7 MB), DALI's output of it (the same
-    again, kept until its copy is known to be done) and the chunk DALI is augmenting with its intermediates (sampling
-    maps, masks: a few hundred MB): estimated under 1 GB in all, not yet measured on a GPU.
-
-    `graph` picks the DALI graph: "batched" (the GPU design; the default on CUDA) or "per_image" (the default on
-    the CPU). `remap` replaces the batched graph's resampling operator; tests use it to run that graph on the CPU.
-    Raises ValueError for an unknown graph, the per_image graph on CUDA, or chunk_images < 1.
+    `graph`: "batched" (the GPU design; the default on CUDA) or "per_image" (the default on the CPU). `remap`
+    replaces the batched graph's resampling operator (tests run that graph on the CPU with it). Raises ValueError
+    for an unknown graph, the per_image graph on CUDA, or chunk_images < 1.
     """
 
     def __init__(
@@ -304,7 +288,7 @@ class DaliLoader:
         self.labels = torch.from_numpy(labels).to(self.device)
         if not on_gpu and order.rank == 0:
             _say_cpu_mode_once()
-        self.workers = default_threads(on_gpu) if workers is None else max(workers, 1)
+        self.workers = default_threads(on_gpu) if workers is None else workers
         options = dict(
             num_threads=self.workers,
             # DALI's own prefetch stays 1: its first schedule_run() would otherwise run that many iterations at
@@ -333,6 +317,7 @@ class DaliLoader:
         # asynchronous copy out of it is done (see _collect)
         self._held: tuple | None = None
         self._in_flight = 0  # chunks scheduled in DALI and not collected yet, by whichever pass
+        self._ahead: _Epoch | None = None  # the next epoch, prepared (some chunks queued) during the last one
 
     def __len__(self) -> int:
         return num_batches(self.n, self.batch_size, self.order)
@@ -342,53 +327,68 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._check_no_pass_in_flight()
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        chosen = epoch_batches(self.n, self.batch_size, epoch, self.order)
-        index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
-        # Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
-        # the whole epoch: per chunk the host then only gathers the images and feeds DALI, and per batch it only
-        # slices, which keeps the loader's host time off the training loop's (on a launch-bound GPU host every
-        # kernel launch counts).
-        params = (
-            draw_params(
-                self.spec,
-                len(index),
-                self.height,
-                self.width,
-                epoch_generator(self.order.seed, epoch, self.order.rank, self.device),
-                self.device,
-            )
-            if self.train
-            else None
-        )
-        labels = self.labels[index]
-        chunks = self._chunks(index, params, [len(b) for b in chosen], self.chunk_batches)
-        pending = 0  # chunks fed to DALI and not collected yet
+        number, self.epoch = self.epoch, self.epoch + 1
+        if self._ahead is not None and self._ahead.number != number:  # set_epoch jumped: its chunks are not this one's
+            self._drop_ahead()
+        current, self._ahead = self._ahead or self._prepare(number), None
+        collected = 0
         try:
-            for chunk in chunks[:CHUNKS_AHEAD]:
-                self._submit(chunk)
-                pending += 1
-            for k, chunk in enumerate(chunks):
-                # the next chunk goes to DALI before this one is collected: DALI augments it while this one is
-                # copied out of DALI and the loop trains on its batches
-                if k + CHUNKS_AHEAD < len(chunks):
-                    self._submit(chunks[k + CHUNKS_AHEAD])
-                    pending += 1
+            for k, chunk in enumerate(current.chunks):
+                # CHUNKS_AHEAD chunks queued behind this one, so that DALI augments them while this one is copied
+                # out and trained on; at the epoch's end they are the next epoch's first chunks.
+                while current.fed - k + (self._ahead.fed if self._ahead else 0) < 1 + CHUNKS_AHEAD:
+                    if current.fed < len(current.chunks):
+                        self._feed(current)
+                        continue
+                    self._ahead = self._ahead or self._prepare(number + 1)
+                    if self._ahead.fed == len(self._ahead.chunks):
+                        break
+                    self._feed(self._ahead)
                 x = self._collect()
-                pending -= 1
+                collected += 1
                 for a, b in chunk.spans:
-                    yield x[a - chunk.start : b - chunk.start], labels[a:b]
-        finally:  # a consumer that stops early must not leave chunks queued for the next epoch
-            if self.pipe is not None and getattr(self.pipe, "_pipe", None) is not None:  # (None at interpreter exit)
-                for _ in range(pending):
-                    self.pipe.outputs()
-                    self._in_flight -= 1
+                    yield x[a - chunk.start : b - chunk.start], current.labels[a:b]
+        finally:  # a consumer that stops early leaves none of this epoch's chunks queued (the next one's stay)
+            self._drain(current.fed - collected)
+
+    def _prepare(self, number: int) -> _Epoch:
+        """Epoch `number`: its batches, labels and every chunk's DALI inputs, none fed yet.
+
+        Everything random about the epoch is drawn and turned into DALI's inputs here, in a few dozen kernels for
+        the whole epoch: per chunk the host then only gathers the images and feeds DALI, and per batch it only
+        slices, which keeps the loader's host time off the training loop's (on a launch-bound GPU host every
+        kernel launch counts)."""
+        chosen = epoch_batches(self.n, self.batch_size, number, self.order)
+        index = torch.from_numpy(np.concatenate(chosen) if chosen else np.zeros(0, np.int64)).to(self.device)
+        params = None
+        if self.train:
+            generator = epoch_generator(self.order.seed, number, self.order.rank, self.device)
+            params = draw_params(self.spec, len(index), self.height, self.width, generator, self.device)
+        chunks = self._chunks(index, params, [len(b) for b in chosen], self.chunk_batches)
+        return _Epoch(number, chunks, self.labels[index])
+
+    def _feed(self, epoch: _Epoch) -> None:
+        self._submit(epoch.chunks[epoch.fed])
+        epoch.fed += 1
+
+    def _drain(self, count: int) -> None:
+        """Collect and drop the `count` oldest chunks queued in DALI."""
+        if getattr(self.pipe, "_pipe", None) is not None:  # (None at interpreter exit)
+            for _ in range(count):
+                self.pipe.outputs()
+                self._in_flight -= 1
+
+    def _drop_ahead(self) -> None:
+        """Drop the next epoch's chunks queued at the end of the last pass (they are the oldest in DALI's queue)."""
+        if self._ahead is not None:
+            self._drain(self._ahead.fed)
+            self._ahead = None
 
     def _check_no_pass_in_flight(self) -> None:
         """DALI has one queue per loader: a pass that started while another still had chunks queued would collect
         that pass's images under its own labels. Raises RuntimeError then (a pass holds chunks in DALI from its
         first batch until its last chunk is collected; closing its iterator drains them)."""
-        if self._in_flight:
+        if self._in_flight > (self._ahead.fed if self._ahead else 0):
             raise RuntimeError(
                 "DaliLoader: another pass over this loader still has chunks queued in DALI; exhaust it or close its "
                 "iterator (it.close()) before starting a new one"
@@ -398,6 +398,7 @@ class DaliLoader:
         """Augment `images` (uint8 [N, H, W, 3], N <= batch_size) with explicit parameters (the parity tests' seam);
         returns float32 [N, 3, H, W] channels_last, normalized."""
         self._check_no_pass_in_flight()
+        self._drop_ahead()
         saved = self.images
         self.images = torch.from_numpy(images).to(self.device)
         try:
@@ -414,8 +415,8 @@ class DaliLoader:
         cut = self._epoch_layout(sizes, per_chunk)
         groups, pieces = cut.groups, cut.pieces
         inputs: list[dict] = [{} for _ in groups]
-        if self.train:
-            params = params.for_units(units_of(self.spec), self.device)
+        if self.train and params is not None:
+            params = params.for_units(self.spec.included, self.device)
             matrices, shifts, holes = sampling_matrices(params, h, w), grid_shifts(params), hole_boxes(params)
             if self.graph == "per_image":
                 columns = {"warp": _to_dali_corner_convention(matrices)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -11,6 +13,8 @@ import torch
 from conftest import LOADER_VARIANTS, build_loader, decode_index, indexed_images, smooth_images
 
 from pipeline import Loader, Order, make_loader
+from pipeline.augs import Cutout
+from pipeline.errors import ConfigError
 from pipeline.spec import AugSpec
 
 N = 203  # odd on purpose: uneven shards and a partial last batch
@@ -66,8 +70,20 @@ def test_workers_in_use_are_what_was_asked_or_the_documented_default(variant, da
     images, labels = data
     assert build_loader(variant, images, labels, 64, workers=None).workers == usable_cores()  # CPU work: every core
     assert build_loader(variant, images, labels, 64, workers=1).workers == 1
-    # --workers 0 means the main process for the DataLoader; DALI needs at least one thread
-    assert build_loader(variant, images, labels, 64, workers=0).workers == (0 if variant == "cpu" else 1)
+    if variant == "cpu":
+        assert build_loader(variant, images, labels, 64, workers=0).workers == 0  # the main process
+
+
+def test_dali_with_no_threads_is_refused_not_given_one(data, tiny_cifar, tmp_path, refused):
+    """0 workers is the main process alone for the cpu loader; DALI needs a thread, and used to get one silently."""
+    images, labels = data
+    with pytest.raises(ConfigError, match="workers 0: the DALI loader needs at least one thread"):
+        make_loader("dali", images, labels, 64, workers=0)
+    argv = ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(tmp_path / "run"), "--epochs", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *argv, "--loader", "dali", "--workers", "0"], capture_output=True, text=True
+    )
+    assert "workers 0: the DALI loader needs at least one thread" in refused(result)
 
 
 @pytest.mark.parametrize("kind", ["cpu", "dali"])
@@ -259,7 +275,7 @@ def test_a_spec_that_cannot_work_for_the_images_is_refused(variant, data):
     """Both loaders refuse it the same way (albumentations used to raise mid-epoch, DALI to train on grey images);
     a loader that only normalizes does not augment, so it does not care."""
     images, labels = data
-    impossible = AugSpec(cutout_min_px=40, cutout_max_px=40)
+    impossible = AugSpec(cutout=Cutout(min_px=40, max_px=40))
     with pytest.raises(ValueError, match="cutout_min_px=40 does not fit a 32x32 image"):
         build_loader(variant, images, labels, 8, spec=impossible)
     assert len(build_loader(variant, images, labels, 8, spec=impossible, train=False)) > 0
@@ -304,3 +320,36 @@ def test_an_epochs_chunk_layout_is_built_once(variant, data):
     assert list(loader._epoch_layouts.values()) == [layout] and layout.gathers == gathers
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", DALI_VARIANTS)
+def test_the_next_epochs_first_chunk_is_scheduled_before_this_epoch_ends(variant):
+    """DALI augments epoch e + 1's first chunk while the loop trains on epoch e's last one (it used to be scheduled
+    only when epoch e + 1 started, leaving the loop waiting for it). Epochs stay a fresh loader's, also after a
+    set_epoch that jumps past the chunk prepared for the next one."""
+    n, batch = 160, 16
+    images, labels = smooth_images(n, seed=5), np.arange(n) % 10
+
+    def loader():
+        return build_loader(variant, images, labels, batch, seed=2, chunk_images=4 * batch)  # 3 chunks an epoch
+
+    def fresh(epoch: int) -> list:
+        one = loader()
+        one.set_epoch(epoch)
+        return list(one)
+
+    counted = loader()
+    scheduled = []
+    schedule_run = counted.pipe.schedule_run
+    counted.pipe.schedule_run = lambda: (scheduled.append(1), schedule_run())[1]
+    it = iter(counted)
+    epoch0 = [next(it) for _ in range(len(counted))]  # the epoch's last batch is in hand
+    assert len(scheduled) == 3 + 1
+    assert next(it, None) is None
+    for got, want in [(epoch0, fresh(0)), (list(counted), fresh(1))]:
+        for (x, y), (x_ref, y_ref) in zip(got, want, strict=True):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert len(scheduled) == 2 * 3 + 1  # epoch 1 used the chunk prepared for it, and prepared epoch 2's
+    counted.set_epoch(5)
+    for (x, y), (x_ref, y_ref) in zip(list(counted), fresh(5), strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)

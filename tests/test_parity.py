@@ -2,13 +2,20 @@
 unit's conventions, and the distributions of random draws read back from each unit's probe image.
 
 Every DALI graph is held to albumentations: the per-image CPU graph, the batched GPU graph run on the CPU with
-OpenCV standing in for its GPU-only remap, and (when a GPU is present) the batched graph on the GPU itself. Nothing
-here names an augmentation: the tests loop over the units and what each one declares.
+OpenCV standing in for its GPU-only remap, and (when a GPU is present) the batched graph on the GPU itself. Each
+unit's probe (PROBES, below) says which image makes its effect readable from the output pixels alone, how to read its
+parameters back per image, and which distributions those readings follow. Readings come from pixels, never from the
+loaders.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,18 +23,345 @@ import scipy.stats
 import torch
 from conftest import LOADER_VARIANTS, build_loader, smooth_images
 
-from pipeline.albu_loader import apply_fixed
-from pipeline.augs import UNITS, Aug, units_of
-from pipeline.augs.probe import Coverage, Discrete, Expectation, Holds, Rate, Readings, Uniform
+from pipeline.albu_loader import build_transform
+from pipeline.augs import Aug
 from pipeline.params import AugParams
 from pipeline.spec import AugSpec
 
 DALI_VARIANTS = [v for v in LOADER_VARIANTS if v.startswith("dali")]
 SIZE = 32
+UNITS = AugSpec().units
+
+# --- what the readings must follow ----------------------------------------------------------------------------------
+
+Readings = dict[str, np.ndarray]  # name -> one value per image (or (N, H, W) for a per-pixel reading)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """The boolean reading `key` is True with probability `p` (binomial test)."""
+
+    key: str
+    p: float
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Reading `key`, on the images where reading `given` is True, is uniform on [lo, hi] (Kolmogorov-Smirnov);
+    `slack` is the measurement error of a reading taken from uint8 pixels, allowed beyond the ends."""
+
+    key: str
+    lo: float
+    hi: float
+    given: str | None = None
+    slack: float = 0.0
+
+
+@dataclass(frozen=True)
+class Discrete:
+    """Reading `key` (integers), where `given` is True, takes value v with probability probs[v] (chi-square)."""
+
+    key: str
+    probs: Mapping[int, float]
+    given: str | None = None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Reading `key` is an (N, H, W) boolean mask; per pixel it is True with probability expected[y, x]."""
+
+    key: str
+    expected: np.ndarray
+
+
+@dataclass(frozen=True)
+class Holds:
+    """Reading `key` is a per-image boolean that must be True for every image (a consistency check)."""
+
+    key: str
+
+
+Expectation = Rate | Uniform | Discrete | Coverage | Holds
+
+
+@dataclass(frozen=True)
+class Convention:
+    """Applying `mistake` to each of `rows` (what mixing up the convention would draw) must match albumentations
+    clearly worse than the rows themselves."""
+
+    what: str
+    rows: tuple[Mapping[str, Any], ...]
+    mistake: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One unit's probe: the image (spec, height, width) -> uint8 HWC every sample starts from; `read` (spec,
+    (N, H, W, 3) float64 pixels in [0, 255]) -> readings; `expect` (spec, height, width) -> what they follow; `rows`
+    of explicit parameters; `on`: the unit's settings for the probe run; `conventions` the explicit test must tell."""
+
+    image: Callable[[AugSpec, int, int], np.ndarray]
+    read: Callable[[AugSpec, np.ndarray], Readings]
+    expect: Callable[[AugSpec, int, int], list[Expectation]]
+    rows: tuple[Mapping[str, Any], ...]
+    on: Mapping[str, Any] = field(default_factory=dict)
+    conventions: tuple[Convention, ...] = ()
+
+
+# --- the geometric probes' image: a ramp ----------------------------------------------------------------------------
+
+RAMP_STEP = 8  # uint8 levels per source pixel: 32 px * 8 + 4 fits in [0, 255]
+
+
+def ramp_image(spec: AugSpec, height: int, width: int) -> np.ndarray:
+    """R and G encode each pixel's source x and y as 8 * coordinate + 4 (bilinear resampling keeps a linear ramp
+    exact), B is 0. From one output image the whole geometric map can be read back."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = (RAMP_STEP * np.arange(width) + RAMP_STEP // 2)[None, :]
+    image[..., 1] = (RAMP_STEP * np.arange(height) + RAMP_STEP // 2)[:, None]
+    return image
+
+
+def ramp_sources(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(src_x, src_y), each (N, H, W): where each output pixel of a ramp image came from, in input pixels."""
+    half = RAMP_STEP // 2
+    return (pixels[..., 0] - half) / RAMP_STEP, (pixels[..., 1] - half) / RAMP_STEP
+
+
+def fit_sampling(pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per image, the destination->source affine map (a, b, c, d, e, f) of a warped ramp image (pixel centres):
+    src_x = a x + b y + c, src_y = d x + e y + f, fitted by least squares on the pixels not clamped at the border."""
+    n, height, width = pixels.shape[:3]
+    src_x, src_y = ramp_sources(pixels)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    use = (src_x > 0.3) & (src_x < width - 1.3) & (src_y > 0.3) & (src_y < height - 1.3)
+    basis = np.stack([x.ravel(), y.ravel(), np.ones(height * width)], -1)  # (HW, 3)
+    weight = use.reshape(n, -1).astype(np.float64)  # (N, HW): 1 where a pixel takes part in the fit
+    # normal equations as plain matrix products (fast GEMMs rather than a batch of tiny ones)
+    gram = (weight @ (basis[:, :, None] * basis[:, None, :]).reshape(-1, 9)).reshape(n, 3, 3)
+    rhs = np.stack([(weight * src.reshape(n, -1)) @ basis for src in (src_x, src_y)], -1)  # (N, 3, 2)
+    coefficients = np.linalg.solve(gram, rhs)
+    (a, d), (b, e), (c, f) = coefficients[:, 0].T, coefficients[:, 1].T, coefficients[:, 2].T
+    return a, b, c, d, e, f
+
+
+def uniform_integers(lo: int, hi: int) -> dict[int, float]:
+    return {v: 1 / (hi - lo + 1) for v in range(lo, hi + 1)}
+
+
+def truncated_uniform(limit: float) -> dict[int, float]:
+    """P(k) for k = trunc(U(-limit, limit)), what albumentations' int() of a uniform fraction * size draws."""
+    if limit <= 0:
+        return {0: 1.0}
+    probs = {0: min(1.0, limit) / limit}
+    for k in range(1, math.ceil(limit)):
+        probs[k] = probs[-k] = (min(k + 1, limit) - k) / (2 * limit)
+    return probs
+
+
+# --- shift-scale-rotate ---------------------------------------------------------------------------------------------
+
+
+def read_ssr(spec: AugSpec, pixels: np.ndarray) -> Readings:
+    """The warp's parameters from a warped ramp image (no flip: the probe runs this unit alone)."""
+    size_y, size_x = pixels.shape[1:3]
+    a, b, c, d, e, f = fit_sampling(pixels)
+    det = a * e - b * d
+    inv_scale = np.sqrt(det)
+    angle = np.degrees(np.arctan2(d, a))
+    # src = M dst + v with v = centre - M (centre + t)  =>  t = M^-1 (centre - v) - centre
+    cx, cy = size_x / 2 - 0.5, size_y / 2 - 0.5
+    wx, wy = cx - c, cy - f
+    shift_x = (e * wx - b * wy) / det - cx
+    shift_y = (-d * wx + a * wy) / det - cy
+    ssr = (np.abs(inv_scale - 1) > 1e-3) | (np.abs(angle) > 0.05) | (np.abs(shift_x) > 0.5) | (np.abs(shift_y) > 0.5)
+    shift_err = np.maximum(np.abs(shift_x - np.round(shift_x)), np.abs(shift_y - np.round(shift_y)))
+    return {
+        "ssr": ssr,
+        "scale": 1 / inv_scale,
+        "angle": angle,
+        "shift_x": np.round(shift_x).astype(np.int64),
+        "shift_y": np.round(shift_y).astype(np.int64),
+        "whole_pixel_shifts": ~ssr | (shift_err < 0.1),
+        # a rotation and an isotropic scale, nothing else (no shear, no mirror)
+        "rotation_and_scale": (np.abs(a - e) < 2e-3) & (np.abs(b + d) < 2e-3),
+    }
+
+
+def expect_ssr(spec: AugSpec, height: int, width: int) -> list[Expectation]:
+    ssr = spec.ssr
+    r, d = ssr.rotate_max_deg, ssr.scale_max_delta
+    # (readings come from uint8 pixels, so each carries a small measurement error: the slack)
+    return [
+        Rate("ssr", ssr.p),
+        Uniform("angle", -r, r, given="ssr", slack=0.2),
+        Uniform("scale", 1 - d, 1 + d, given="ssr", slack=3e-3),
+        Discrete("shift_x", truncated_uniform(ssr.shift_max_frac * width), given="ssr"),
+        Discrete("shift_y", truncated_uniform(ssr.shift_max_frac * height), given="ssr"),
+        Holds("whole_pixel_shifts"),
+        Holds("rotation_and_scale"),
+    ]
+
+
+SSR_ROWS = tuple(
+    {"ssr": True, "shift_x": float(sx), "shift_y": float(sy), "scale": scale, "angle": angle}
+    for (sx, sy), scale, angle in itertools.product(
+        ((0, 0), (1, -1), (-1, 1)), (0.95, 1.0, 1.05), (-5.0, -2.5, 0.0, 2.5, 5.0)
+    )
+)
+TURNED = tuple([{"ssr": True, "angle": 5.0, "scale": 1.05}] * 4 + [{"ssr": True, "angle": -5.0, "scale": 0.95}] * 4)
+
+# --- flip -----------------------------------------------------------------------------------------------------------
+
+
+def read_flip(spec: AugSpec, pixels: np.ndarray) -> Readings:
+    a, b, c, d, e, f = fit_sampling(pixels)
+    flip = a < 0
+    # nothing else moved: exactly the identity or exactly the mirror image
+    still = (np.abs(np.abs(a) - 1) < 1e-3) & (np.abs(b) + np.abs(d) + np.abs(e - 1) + np.abs(f) < 1e-3)
+    return {"flip": flip, "mirror_or_identity": still & (np.abs(c - np.where(flip, pixels.shape[2] - 1, 0)) < 1e-2)}
+
+
+# --- pad-and-crop ---------------------------------------------------------------------------------------------------
+
+
+def read_pad_crop(spec: AugSpec, pixels: np.ndarray) -> Readings:
+    """The window's offset from a translated ramp image, and whether the rest is a replicated edge."""
+    height, width = pixels.shape[1:3]
+    a, b, c, d, e, f = fit_sampling(pixels)
+    crop_x, crop_y = np.round(c).astype(np.int64), np.round(f).astype(np.int64)
+    src_x, src_y = ramp_sources(pixels)
+    y, x = np.mgrid[0:height, 0:width]
+    # every pixel, padding included, is the input pixel at the clamped position (x + crop_x, y + crop_y)
+    want_x = np.clip(x + crop_x[:, None, None], 0, width - 1)
+    want_y = np.clip(y + crop_y[:, None, None], 0, height - 1)
+    return {
+        "crop_x": crop_x,
+        "crop_y": crop_y,
+        "whole_pixel_translation": (np.abs(a - 1) + np.abs(b) + np.abs(d) + np.abs(e - 1) < 1e-3)
+        & (np.abs(c - crop_x) < 0.05)
+        & (np.abs(f - crop_y) < 0.05),
+        "replicate_border": (np.abs(src_x - want_x) < 0.1).all((1, 2)) & (np.abs(src_y - want_y) < 0.1).all((1, 2)),
+    }
+
+
+def expect_pad_crop(spec: AugSpec, height: int, width: int) -> list[Expectation]:
+    n = spec.pad_crop.px
+    return [
+        Discrete("crop_x", uniform_integers(-n, n)),
+        Discrete("crop_y", uniform_integers(-n, n)),
+        Holds("whole_pixel_translation"),
+        Holds("replicate_border"),
+    ]
+
+
+WINDOWS = tuple(
+    {"crop_x": float(x), "crop_y": float(y)}
+    for x, y in ((0, 0), (4, -4), (-4, 4), (3, 1), (-2, -3), (1, 0), (0, -1), (4, 4), (-4, -4))
+)
+
+# --- cutout ---------------------------------------------------------------------------------------------------------
+
+
+def cutout_image(spec: AugSpec, height: int, width: int) -> np.ndarray:
+    """Flat, and as far from the fill as a uint8 level can be, so the hole is every pixel near the fill."""
+    return np.full((height, width, 3), 255 if spec.cutout.fill_uint8 < 128 else 0, np.uint8)
+
+
+def read_cutout(spec: AugSpec, pixels: np.ndarray) -> Readings:
+    hole = np.abs(pixels[..., 2] - spec.cutout.fill_uint8) < 64
+    hole_h, hole_w = hole.any(2).sum(1), hole.any(1).sum(1)
+    return {
+        "cutout": hole.any((1, 2)),
+        "hole": hole,
+        "hole_h": hole_h,
+        "hole_w": hole_w,
+        "hole_is_rectangle": hole.sum((1, 2)) == hole_h * hole_w,
+    }
+
+
+def expect_cutout(spec: AugSpec, height: int, width: int) -> list[Expectation]:
+    cutout = spec.cutout
+    sizes = range(cutout.min_px, cutout.max_px + 1)
+
+    def line(length: int) -> np.ndarray:
+        """P(pixel in the hole) along one axis: size uniform, start uniform in [0, length - size]."""
+        out = np.zeros(length)
+        for size in sizes:
+            for start in range(length - size + 1):
+                out[start : start + size] += 1 / (len(sizes) * (length - size + 1))
+        return out
+
+    return [
+        Rate("cutout", cutout.p),
+        Discrete("hole_h", uniform_integers(cutout.min_px, cutout.max_px), given="cutout"),
+        Discrete("hole_w", uniform_integers(cutout.min_px, cutout.max_px), given="cutout"),
+        Coverage("hole", cutout.p * np.outer(line(height), line(width))),
+        Holds("hole_is_rectangle"),
+    ]
+
+
+def hole(y: int, x: int, h: int, w: int) -> dict[str, Any]:
+    return {"cutout": True, "hole_y": y, "hole_x": x, "hole_h": h, "hole_w": w}
+
+
+HOLES = ((0, 0, 1, 1), (20, 20, 12, 12), (5, 17, 3, 9), (31, 0, 1, 12), (10, 31, 12, 1), (8, 12, 4, 10))
+
+
+def transposed(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Rows and columns swapped: what mixing up (y, x) and albumentations' (x, y) hole corners gives."""
+    return hole(row["hole_x"], row["hole_y"], row["hole_w"], row["hole_h"])
+
+
+PROBES = {
+    "ssr": Probe(
+        ramp_image,
+        read_ssr,
+        expect_ssr,
+        SSR_ROWS,
+        conventions=(
+            Convention("rotation direction", TURNED, lambda row: {**row, "angle": -row["angle"]}),
+            # half a pixel off: what mixing DALI's pixel-corner and OpenCV's pixel-centre conventions gives
+            Convention("pixel centres", TURNED, lambda row: {**row, "shift_x": 0.5, "shift_y": 0.5}),
+        ),
+    ),
+    "flip": Probe(
+        ramp_image,
+        read_flip,
+        lambda spec, height, width: [Rate("flip", spec.flip.p), Holds("mirror_or_identity")],
+        ({"flip": True}, {"flip": False}),
+    ),
+    "pad_crop": Probe(
+        ramp_image,
+        read_pad_crop,
+        expect_pad_crop,
+        WINDOWS,
+        on={"px": 4},
+        conventions=(
+            # the window moved the other way (the content moved by crop instead of by -crop)
+            Convention("crop direction", WINDOWS[1:5], lambda r: {"crop_x": -r["crop_x"], "crop_y": -r["crop_y"]}),
+        ),
+    ),
+    "cutout": Probe(
+        cutout_image,
+        read_cutout,
+        expect_cutout,
+        tuple(hole(*h) for h in HOLES),
+        conventions=(Convention("hole axes", tuple(hole(*h) for h in HOLES[2:]), transposed),),
+    ),
+}
+
+
+def probe_spec(unit: Aug) -> AugSpec:
+    """The unit alone: its defaults and its probe's settings, every other unit off."""
+    settings = dataclasses.replace(type(unit)(), **PROBES[unit.name].on)
+    return dataclasses.replace(AugSpec.none(), **{unit.name: settings})
+
+
 # The seed's spec, and one that includes every unit (pad-and-crop is off by default) at its probe settings.
 SPECS = {
     "seed": AugSpec(),
-    "every-unit": AugSpec(**{name: value for unit in UNITS for name, value in unit.probe.on.items()}),
+    "every-unit": AugSpec(**{u.name: dataclasses.replace(u, **PROBES[u.name].on) for u in UNITS}),
 }
 
 
@@ -56,13 +390,14 @@ def test_every_probability_zero_gives_the_plain_normalized_image(variant):
 def grid(spec: AugSpec) -> list[dict]:
     """Every row of every unit the spec includes, alone and combined with one row of each other unit (cycled
     through their rows), plus the empty row."""
-    units = units_of(spec)
+    units = spec.included
     rows: list[dict] = []
     for unit in units:
-        for i, row in enumerate(unit.probe.rows):
+        for i, row in enumerate(PROBES[unit.name].rows):
             combined = {}
             for other in units:
-                combined.update(row if other is unit else other.probe.rows[i % len(other.probe.rows)])
+                others = PROBES[other.name].rows
+                combined.update(row if other is unit else others[i % len(others)])
             rows += [dict(row), combined]
     return [*rows, {}]
 
@@ -73,8 +408,16 @@ def dali_fixed(variant: str, spec: AugSpec, images: np.ndarray, rows: list[dict]
 
 
 def albu_fixed(spec: AugSpec, images: np.ndarray, rows: list[dict]) -> np.ndarray:
-    out = np.stack([apply_fixed(spec, image, row) for image, row in zip(images, rows, strict=True)])
-    return to_pixels(torch.from_numpy(out).permute(0, 3, 1, 2), spec)
+    """The loader's albumentations transforms, each applied by its unit with the row's explicit parameters (a key
+    a row leaves out takes its 'not applied' value)."""
+    *twins, normalize = build_transform(spec, *images.shape[1:3]).transforms
+    out = []
+    for image, row in zip(images, rows, strict=True):
+        assert {spec.unit_of_column(name).name for name in row} <= {unit.name for unit in spec.included}
+        for unit, transform in zip(spec.included, twins, strict=True):
+            image = unit.albu_apply(transform, image, {name: row.get(name, d) for name, d in unit.columns.items()})
+        out.append(normalize.apply(image))
+    return to_pixels(torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2), spec)
 
 
 @pytest.mark.parametrize("spec_name", SPECS)
@@ -94,7 +437,7 @@ def test_explicit_parameters_match_albumentations(variant, spec_name):
     )
 
 
-CONVENTIONS = [(unit, c) for unit in UNITS for c in unit.probe.conventions]
+CONVENTIONS = [(unit, c) for unit in UNITS for c in PROBES[unit.name].conventions]
 
 
 @pytest.mark.parametrize("variant", DALI_VARIANTS)
@@ -121,11 +464,6 @@ ALPHA = 0.001  # every distribution test rejects at this level
 Z_999 = 3.2905  # two-sided 99.9% normal quantile
 
 
-def probe_spec(unit: Aug) -> AugSpec:
-    """The unit alone: its fields at their defaults and its probe's settings, every other unit off."""
-    return AugSpec.none(**{**{f.name: f.default for f in unit.fields}, **unit.probe.on})
-
-
 _measured: dict[tuple[str, str], Readings] = {}
 
 
@@ -133,10 +471,11 @@ def measured(unit: Aug, variant: str) -> Readings:
     key = (unit.name, variant)
     if key not in _measured:
         spec = probe_spec(unit)
-        images = np.broadcast_to(unit.probe.image(spec, SIZE, SIZE), (SAMPLES, SIZE, SIZE, 3)).copy()
+        probe = PROBES[unit.name]
+        images = np.broadcast_to(probe.image(spec, SIZE, SIZE), (SAMPLES, SIZE, SIZE, 3)).copy()
         workers = {"workers": 2} if variant == "cpu" else {}
         loader = build_loader(variant, images, np.zeros(SAMPLES, np.int64), 1000, seed=11, spec=spec, **workers)
-        _measured[key] = unit.probe.read(spec, np.concatenate([to_pixels(x, spec) for x, _ in loader]))
+        _measured[key] = probe.read(spec, np.concatenate([to_pixels(x, spec) for x, _ in loader]))
     return _measured[key]
 
 
@@ -201,7 +540,7 @@ def same_draws(e: Expectation, a: Readings, b: Readings) -> str | None:
     return None
 
 
-EXPECTATIONS = [(unit, e) for unit in UNITS for e in unit.probe.expect(probe_spec(unit), SIZE, SIZE)]
+EXPECTATIONS = [(unit, e) for unit in UNITS for e in PROBES[unit.name].expect(probe_spec(unit), SIZE, SIZE)]
 EXPECTATION_IDS = [f"{unit.name}-{type(e).__name__}-{e.key}" for unit, e in EXPECTATIONS]
 
 
@@ -209,7 +548,7 @@ def test_every_unit_has_a_probe_that_tests_its_draws():
     for unit in UNITS:
         kinds = {type(e) for u, e in EXPECTATIONS if u is unit}
         assert kinds & {Rate, Uniform, Discrete}, f"{unit.name}'s probe tests none of its draws"
-        assert unit.probe.rows, f"{unit.name} has no explicit-parameter rows"
+        assert PROBES[unit.name].rows, f"{unit.name} has no explicit-parameter rows"
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS)
