@@ -1,5 +1,6 @@
-"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, the per-epoch
-check that every rank holds the same weights, and which errors mean that another rank is gone."""
+"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, rank 0's buffers
+on every rank and the per-epoch check that every rank holds the same weights, and which errors mean that another
+rank is gone."""
 
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) 
             )
 
 
-def lost_peer(err: BaseException) -> bool:
+def lost_peer(err: BaseException | None) -> bool:
     """Whether `err` says that another rank died or stopped answering: a torch store or network error, or a backend
     error with one of LOST_PEER_MARKERS in its text (or in the text of the error it was raised from)."""
     seen = set()
@@ -172,9 +173,23 @@ def lost_contact_message(err: BaseException, rank: int | str) -> str:
     )
 
 
-def ranks_in_sync(net: nn.Module) -> bool:
-    """Whether every rank holds the same weights (DDP keeps them so; this checks it, cheaply, once an epoch)."""
-    fingerprint = torch.stack([p.detach().double().sum() for p in net.parameters()])
+def broadcast_buffers(*modules: nn.Module | None) -> None:
+    """Copy rank 0's buffers of `modules` (None skipped) into every rank's, in place: BatchNorm's running statistics
+    and num_batches_tracked, the weight EMA's averages, any buffer a model adds.
+
+    DDP keeps the parameters identical, but the buffers only at the start of each training forward: after an epoch's
+    last step every rank holds the statistics of its own batches. Called after every epoch, before the evaluation
+    and the checkpoint, so that every rank evaluates, and rank 0 saves, one and the same model."""
+    for module in modules:
+        for buffer in module.buffers() if module is not None else ():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def ranks_in_sync(*modules: nn.Module | None) -> bool:
+    """Whether every rank holds the same parameters and buffers of `modules` (None skipped): DDP keeps the parameters
+    so, `broadcast_buffers` the buffers; this checks both, cheaply, once an epoch."""
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+    fingerprint = torch.stack([t.detach().double().sum() for t in tensors])
     low, high = fingerprint.clone(), fingerprint.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
