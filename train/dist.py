@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.config import ConfigError
+from pipeline.errors import ConfigError
 
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
