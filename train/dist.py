@@ -1,6 +1,5 @@
-"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, rank 0's buffers
-on every rank and the per-epoch check that every rank holds the same weights, and which errors mean that another
-rank is gone."""
+"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, one model on
+every rank at each evaluation and save (and the check of it), and which errors mean that another rank is gone."""
 
 from __future__ import annotations
 
@@ -174,12 +173,10 @@ def lost_contact_message(err: BaseException, rank: int | str) -> str:
 
 
 def broadcast_buffers(*modules: nn.Module | None) -> None:
-    """Copy rank 0's buffers of `modules` (None skipped) into every rank's, in place: BatchNorm's running statistics
-    and num_batches_tracked, the weight EMA's averages, any buffer a model adds.
-
-    DDP keeps the parameters identical, but the buffers only at the start of each training forward: after an epoch's
-    last step every rank holds the statistics of its own batches. Called after every epoch, before the evaluation
-    and the checkpoint, so that every rank evaluates, and rank 0 saves, one and the same model."""
+    """Copy rank 0's buffers of `modules` (None skipped) into every rank's, in place: BatchNorm statistics, the
+    weight EMA's, any a model adds. DDP broadcasts buffers only at each training forward, so after an epoch's last
+    step each rank holds its own batches' statistics; called before every evaluation and save, so that every rank
+    evaluates, and rank 0 saves, one and the same model."""
     for module in modules:
         for buffer in module.buffers() if module is not None else ():
             torch.distributed.broadcast(buffer, src=0)
