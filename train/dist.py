@@ -1,5 +1,5 @@
-"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, the per-epoch
-check that every rank holds the same weights, and which errors mean that another rank is gone."""
+"""torchrun: the process group, who prints, the check that every rank runs the same number of steps, one model on
+every rank at each evaluation and save (and the check of it), and which errors mean that another rank is gone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.config import ConfigError
+from pipeline.errors import ConfigError
 
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
@@ -146,7 +146,7 @@ def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) 
             )
 
 
-def lost_peer(err: BaseException) -> bool:
+def lost_peer(err: BaseException | None) -> bool:
     """Whether `err` says that another rank died or stopped answering: a torch store or network error, or a backend
     error with one of LOST_PEER_MARKERS in its text (or in the text of the error it was raised from)."""
     seen = set()
@@ -172,9 +172,21 @@ def lost_contact_message(err: BaseException, rank: int | str) -> str:
     )
 
 
-def ranks_in_sync(net: nn.Module) -> bool:
-    """Whether every rank holds the same weights (DDP keeps them so; this checks it, cheaply, once an epoch)."""
-    fingerprint = torch.stack([p.detach().double().sum() for p in net.parameters()])
+def broadcast_buffers(*modules: nn.Module | None) -> None:
+    """Copy rank 0's buffers of `modules` (None skipped) into every rank's, in place: BatchNorm statistics, the
+    weight EMA's, any a model adds. DDP broadcasts buffers only at each training forward, so after an epoch's last
+    step each rank holds its own batches' statistics; called before every evaluation and save, so that every rank
+    evaluates, and rank 0 saves, one and the same model."""
+    for module in modules:
+        for buffer in module.buffers() if module is not None else ():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def ranks_in_sync(*modules: nn.Module | None) -> bool:
+    """Whether every rank holds the same parameters and buffers of `modules` (None skipped): DDP keeps the parameters
+    so, `broadcast_buffers` the buffers; this checks both, cheaply, once an epoch."""
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+    fingerprint = torch.stack([t.detach().double().sum() for t in tensors])
     low, high = fingerprint.clone(), fingerprint.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)

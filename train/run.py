@@ -25,7 +25,7 @@ from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_ind
 from train import wall_seconds
 from train.checkpoint import CheckpointError, first_difference, load_checkpoint
 from train.config import ConfigError, TrainConfig, check_hardware, cuda_graph_blockers, resolve_auto
-from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
+from train.dist import Dist, broadcast_buffers, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import Progress, evaluate, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
 from train.outdir import RunFolder, on_main, run_folder
@@ -516,8 +516,9 @@ def train_and_evaluate(
     with progress_bar(cfg, dist, f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader)) as bar:
         stats = train_one_epoch(step, train_loader, epoch=epoch, progress=bar)
     row = {"epoch": epoch + 1, **stats, "lr": state.scheduler.get_last_lr()[0]}
-    if dist.enabled:
-        row["ranks_in_sync"] = ranks_in_sync(state.net)
+    if dist.enabled:  # evaluate, and save, rank 0's model on every rank (train.dist.broadcast_buffers says why)
+        broadcast_buffers(state.net, state.ema)
+        row["ranks_in_sync"] = ranks_in_sync(state.net, state.ema)
     summary = f"epoch {epoch + 1}/{cfg.epochs}: train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.2%}"
     probabilities = None
     last = epoch + 1 == cfg.epochs
