@@ -99,7 +99,7 @@ def plot_curves(runs: list[Path], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.set_xlim(0.5, last + 0.5)
         ax.set_ylim(bottom=0)  # from zero: a single point is not blown up to fill the axis
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
