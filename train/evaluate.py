@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import LOADERS
 from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
 from pipeline.data import CLASSES, IMAGE_SHAPE
 from pipeline.errors import CheckpointError, DataError, UserError
@@ -29,21 +28,19 @@ from train.run import build_state, load_data, make_eval_loader, resolve_device, 
 ADVICE = "Give a last.pt or best.pt that python -m train wrote."
 
 
-def load_run(path: Path, device: torch.device) -> tuple[TrainConfig, dict, nn.Module]:
-    """(the run's settings, the verified checkpoint, the network the run evaluated, in eval mode on `device`: the
-    EMA copy when the run used --ema). Raises CheckpointError for a file this tool cannot use."""
+def load_run(path: Path, device: torch.device, **changes: str | None) -> tuple[TrainConfig, dict, nn.Module]:
+    """(the run's settings with `changes` (TrainConfig fields; None: the run's), the verified checkpoint, the network
+    the run evaluated, in eval mode on `device`: the EMA copy with --ema). Raises CheckpointError (an unusable file)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there. {ADVICE}")
     saved = load_checkpoint(path, ADVICE)
-    try:
-        cfg = TrainConfig(**saved["config"])
-    except TypeError as err:
-        raise CheckpointError(f"{path}: its settings are not this version's ({err}). {ADVICE}") from None
+    cfg = TrainConfig(**saved["config"])
     problem = verify_contents(saved, cfg)
     if problem:
         raise CheckpointError(f"{path}: does not fit the network its settings build: {problem}. {ADVICE}")
     state = build_state(cfg, device, Dist(), total_steps=1)
     restore(state, saved, device)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     return cfg, saved, (state.ema.module if state.ema is not None else state.net).eval()
 
 
@@ -51,18 +48,13 @@ class Classifier(nn.Module):
     """uint8 RGB images [N, 32, 32, 3] (as CIFAR stores them) -> float32 class probabilities [N, 10]: the run's
     normalization (its AugSpec's mean and std), network and TTA, in float32."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, net: nn.Module, cfg: TrainConfig) -> None:
         super().__init__()
-        self.net, self.tta = net, cfg.tta
-        spec = cfg.aug_spec()
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+        self.net, self.tta, self.spec = net, cfg.tta, cfg.aug_spec()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.permute(0, 3, 1, 2) / 255 - self.mean) / self.std  # NHWC memory: a channels_last NCHW batch
+        x = images.permute(0, 3, 1, 2) / 255  # float32; NHWC memory: a channels_last NCHW batch
+        x = (x - x.new_tensor(self.spec.mean).view(1, 3, 1, 1)) / x.new_tensor(self.spec.std).view(1, 3, 1, 1)
         return tta_logits(self.net, x, device=x.device, amp=False, tta=self.tta).softmax(1)
 
 
@@ -101,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", nargs="+", type=given_path, metavar="FILE", help="classify these image files instead")
     p.add_argument("--data-dir", help="the data folder (default: the run's)")
     p.add_argument("--tta", choices=TTAS, help="test-time augmentation (default: the run's)")
-    p.add_argument("--loader", choices=LOADERS, help="the evaluation loader (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA if available")
     p.add_argument("--json", type=output_file, metavar="FILE", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -112,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     try:
         device = resolve_device(args.device, Dist())
-        cfg, saved, net = load_run(args.checkpoint, device)
-        given = {"data_dir": args.data_dir, "tta": args.tta, "loader": args.loader}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        cfg, saved, net = load_run(args.checkpoint, device, data_dir=args.data_dir, tta=args.tta)
         if args.images:
             images = torch.from_numpy(read_images(args.images)).to(device)
             with torch.no_grad():
@@ -124,25 +113,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = {"checkpoint": str(args.checkpoint), "epoch": saved["epoch"], "tta": cfg.tta}
         result.update(score(cfg, net, device))
-        _print_score(result, saved["history"][-1])
+        split, logged = result["split"], saved["history"][-1]
+        print(
+            f"{args.checkpoint} (epoch {result['epoch']}) on {result['images']:,} {split} images, tta {cfg.tta}: "
+            f"loss {result['loss']:.4f} acc {result['acc']:.2%}"
+        )
+        if f"{split}_acc" in logged:  # not with --eval-every on an epoch it skipped
+            print(f"the run logged for this epoch: loss {logged[f'{split}_loss']:.4f} acc {logged[f'{split}_acc']:.2%}")
+        for name, acc in result["per_class"].items():
+            print(f"  {name:<11}{acc:8.2%}")
         if args.json:
             save_json(result, args.json)
     except UserError as err:
         say_error(str(err))
         return err.exit_code
     return 0
-
-
-def _print_score(result: dict, logged: dict) -> None:
-    split = result["split"]
-    print(
-        f"{result['checkpoint']} (epoch {result['epoch']}) on {result['images']:,} {split} images, "
-        f"tta {result['tta']}: loss {result['loss']:.4f} acc {result['acc']:.2%}"
-    )
-    if f"{split}_acc" in logged:  # not with --eval-every on an epoch it skipped
-        print(f"the run logged for this epoch: loss {logged[f'{split}_loss']:.4f} acc {logged[f'{split}_acc']:.2%}")
-    for name, acc in result["per_class"].items():
-        print(f"  {name:<11}{acc:8.2%}")
 
 
 if __name__ == "__main__":

@@ -71,10 +71,6 @@ def _read_epochs(run: Path) -> list[dict]:
     return epochs
 
 
-def _eval_key(epochs: list[dict]) -> str:
-    return "val" if any("val_acc" in e for e in epochs) else "test"
-
-
 def plot_curves(runs: list[Path], path: Path) -> None:
     """Loss and accuracy per epoch of each run in `runs`. Within a run, train and evaluation differ in colour (a pale
     and a dark shade of the run's hue) and in marker, so that even one epoch (one point per series) tells them apart;
@@ -84,7 +80,7 @@ def plot_curves(runs: list[Path], path: Path) -> None:
     last = 1
     for i, run in enumerate(runs):
         epochs = _read_epochs(run)
-        ev = _eval_key(epochs)
+        ev = "val" if any("val_acc" in e for e in epochs) else "test"
         evaluated = [e for e in epochs if f"{ev}_acc" in e]  # with --eval-every, not every epoch is evaluated
         name = f"{run.name} " if len(runs) > 1 else ""
         dark, pale = shades[2 * i % 20], shades[(2 * i + 1) % 20]
@@ -112,22 +108,12 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
     fig, ax = plt.subplots(figsize=CONFUSION_SIZE)
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            str(count),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if count > matrix.max() / 2 else "black",
-        )
+        color = "white" if count > matrix.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set(
-        xlabel="predicted",
-        ylabel="true",
-        title=f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})",
-    )
+    title = f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})"
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     _save(fig, path)
 
@@ -135,9 +121,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
 def plot_misclassified(
     images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, path: Path
 ) -> None:
-    cols = 8
-    rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=GRID_SIZE, squeeze=False)
+    fig, axes = plt.subplots(WORST // 8, 8, figsize=GRID_SIZE)  # one grid for any count: cells of one size
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, true, pred, conf in zip(axes.flat, images, labels, predicted, confidence, strict=False):
@@ -167,16 +151,14 @@ def write_run_plots(run: Path, out: Path | None = None) -> list[Path]:
 PREDICTION_KEYS = ("labels", "predicted", "worst_images", "worst_labels", "worst_predicted", "worst_confidence")
 
 
-# What predictions.npz may expand to: labels and predictions of a 60,000-image split and WORST images are under 1 MB;
-# a file whose arrays claim more was not written by this tool, and is refused before it is expanded (a few MB of
-# zeros compress to GBs).
+# What predictions.npz may expand to (a 60,000-image split and WORST images take under 1 MB): a file whose arrays claim
+# more was not written by this tool, and is refused before it is expanded (a few MB of zeros compress to GBs).
 PREDICTIONS_MAX_BYTES = 64 * 2**20
 
 
 def _read_predictions(path: Path) -> dict[str, np.ndarray]:
     """predictions.npz's arrays (PREDICTION_KEYS), checked to be what `save_predictions` writes: DataError
     otherwise (corrupt, too large, or arrays whose shapes, types or class indices the pictures cannot draw)."""
-    damaged = f"{path}: truncated or corrupt"
     try:
         with zipfile.ZipFile(path) as archive:
             expanded = sum(info.file_size for info in archive.infolist())
@@ -188,7 +170,9 @@ def _read_predictions(path: Path) -> dict[str, np.ndarray]:
         with np.load(path) as found:
             p = {key: found[key] for key in PREDICTION_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{damaged} ({type(err).__name__}: {err}); delete it to plot the curves alone") from None
+        raise DataError(
+            f"{path}: truncated or corrupt ({type(err).__name__}: {err}); delete it to plot the curves alone"
+        ) from None
     problem = _predictions_problem(p)
     if problem:
         raise DataError(f"{path}: not what a run writes ({problem}); delete it to plot the curves alone")
@@ -224,18 +208,9 @@ def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabi
     predicted = probabilities.argmax(1)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:WORST]
-    atomic_write(
-        path,
-        lambda f: np.savez_compressed(
-            f,
-            labels=labels,
-            predicted=predicted,
-            worst_images=images[worst],
-            worst_labels=labels[worst],
-            worst_predicted=predicted[worst],
-            worst_confidence=probabilities[worst, predicted[worst]],
-        ),
-    )
+    worst_of = {"images": images, "labels": labels, "predicted": predicted, "confidence": probabilities.max(1)}
+    arrays = {"labels": labels, "predicted": predicted, **{f"worst_{k}": v[worst] for k, v in worst_of.items()}}
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,12 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("runs", nargs="+", type=given_path, help="run folders (each with metrics.json)")
-    p.add_argument(
-        "--out",
-        type=output_dir,
-        default=None,
-        help="folder to write into (default: the run's own folder for one run, the current folder for several)",
-    )
+    p.add_argument("--out", type=output_dir, help="folder to write into (default: one run's own; several runs': .)")
     args = p.parse_args(argv)
     runs, compare = args.runs, len(args.runs) > 1
     out = args.out or (Path(".") if compare else runs[0])
