@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 
 
 def _curves(tmp_path, monkeypatch, epochs: list[dict], argv: list[str] | None = None):
@@ -41,20 +42,20 @@ def test_a_one_epoch_run_draws_train_and_test_apart(tmp_path, monkeypatch):
         # One point and no marker draws nothing: a line needs two points.
         for line in (train, test):
             assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0, line.get_label()
-        assert train.get_marker() != test.get_marker() and train.get_color() != test.get_color()
+        assert train.get_marker() != test.get_marker() and to_rgba(train.get_color()) != to_rgba(test.get_color())
         assert _shown_ticks(ax) == [1] and ax.get_ylim()[0] == 0  # not an axis from 0.96 to 1.04
-    # And in the picture: each axes holds coloured (non-grey) pixels of its series beyond the legend's samples.
+    # And in the picture, where train and test coincide: pixels of both series' colours outside the legend.
     figure.canvas.draw()
     pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
-    coloured = (pixels.max(-1) - pixels.min(-1)) > 60
+    height = pixels.shape[0]
     for ax in figure.axes:
-        box = ax.get_window_extent()
-        legend = ax.get_legend().get_window_extent()
-        height = pixels.shape[0]
-        inside = np.zeros_like(coloured)
+        box, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()
+        inside = np.zeros(pixels.shape[:2], bool)
         inside[int(height - box.y1) : int(height - box.y0), int(box.x0) : int(box.x1)] = True
         inside[int(height - legend.y1) : int(height - legend.y0), int(legend.x0) : int(legend.x1)] = False
-        assert (coloured & inside).sum() > 10, ax.get_title()
+        for line in ax.get_lines():
+            colour = np.array(to_rgba(line.get_color())[:3]) * 255
+            assert (inside & (np.abs(pixels - colour).max(-1) < 12)).sum() > 10, (ax.get_title(), line.get_label())
     assert (tmp_path / "curves.png").stat().st_size > 0
     plt.close(figure)
 

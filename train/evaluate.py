@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from train.run import build_state, load_data, make_eval_loader, resolve_device, 
 ADVICE = "Give a last.pt or best.pt that python -m train wrote."
 
 
-def load_run(path: Path, device: torch.device, **changes: str | None) -> tuple[TrainConfig, dict, nn.Module]:
+def load_run(path: Path, device: torch.device, **changes: Any) -> tuple[TrainConfig, dict, nn.Module]:
     """(the run's settings with `changes` (TrainConfig fields; None: the run's), the verified checkpoint, the network
     the run evaluated, in eval mode on `device`: the EMA copy with --ema). Raises CheckpointError (an unusable file)."""
     if not path.is_file():

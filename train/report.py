@@ -76,7 +76,7 @@ def plot_curves(runs: list[Path], path: Path) -> None:
     and a dark shade of the run's hue) and in marker, so that even one epoch (one point per series) tells them apart;
     the epoch axis has whole-number ticks. Raises DataError (metrics.json) or OutputError (`path`)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=CURVES_SIZE)
-    shades = plt.get_cmap("tab20").colors  # pairs of (dark, pale) shades of one hue
+    shades = plt.get_cmap("tab20")(np.arange(20))  # pairs of (dark, pale) shades of one hue
     last = 1
     for i, run in enumerate(runs):
         epochs = _read_epochs(run)
@@ -84,8 +84,9 @@ def plot_curves(runs: list[Path], path: Path) -> None:
         evaluated = [e for e in epochs if f"{ev}_acc" in e]  # with --eval-every, not every epoch is evaluated
         name = f"{run.name} " if len(runs) > 1 else ""
         dark, pale = shades[2 * i % 20], shades[(2 * i + 1) % 20]
-        train = dict(color=pale, marker="o", linestyle="--", label=f"{name}train")
-        test = dict(color=dark, marker="s", linestyle="-", label=f"{name}{ev}")
+        # a ring around a square: where train and test coincide (a one-epoch run at chance), both stay visible
+        train = dict(color=pale, marker="o", markersize=9, markerfacecolor="none", mew=2, ls="--", label=f"{name}train")
+        test = dict(color=dark, marker="s", markersize=5, ls="-", label=f"{name}{ev}")
         for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "acc", 100)):
             ax.plot([e["epoch"] for e in epochs], [scale * e[f"train_{key}"] for e in epochs], **train)
             ax.plot([e["epoch"] for e in evaluated], [scale * e[f"{ev}_{key}"] for e in evaluated], **test)
