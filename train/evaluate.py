@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import LOADERS
 from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
 from pipeline.data import CLASSES, IMAGE_SHAPE
 from pipeline.errors import CheckpointError, DataError, UserError
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", nargs="+", type=given_path, metavar="FILE", help="classify these image files instead")
     p.add_argument("--data-dir", help="the data folder (default: the run's)")
     p.add_argument("--tta", choices=TTAS, help="test-time augmentation (default: the run's)")
+    p.add_argument("--loader", choices=LOADERS, help="the evaluation loader (default: the run's; cpu without DALI)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto = CUDA if available")
     p.add_argument("--json", type=output_file, metavar="FILE", help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     try:
         device = resolve_device(args.device, Dist())
-        cfg, saved, net = load_run(args.checkpoint, device, data_dir=args.data_dir, tta=args.tta)
+        cfg, saved, net = load_run(args.checkpoint, device, data_dir=args.data_dir, tta=args.tta, loader=args.loader)
         if args.images:
             images = torch.from_numpy(read_images(args.images)).to(device)
             with torch.no_grad():
