@@ -142,14 +142,6 @@ def test_gallery_refuses_cuda_without_a_gpu(capsys, tiny_cifar):
     assert "no CUDA GPU" in refused(main, ["--device", "cuda", "--data-dir", tiny_cifar, "--allow-small-data"], capsys)
 
 
-@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], [], ["--out", ""]], ids=repr)
-def test_report_refuses_impossible_flags(argv, tmp_path, capsys):
-    """(Run folders that are not finished runs are refused by train.report itself: tests/test_outputs.py.)"""
-    from train.report import main
-
-    refused(main, [str(tmp_path), *argv] if argv else argv, capsys)
-
-
 def test_train_uses_the_shared_one_line_parser(capsys):
     """python -m train already refused bad flags in one line; it now does so through the same parser class."""
     from pipeline.cli import OneLineParser

@@ -1,44 +1,113 @@
-"""`python -m train.report`: the curves of a run are visible even when the run is one epoch long."""
+"""`python -m train.report`: a run's curves tell train from test at any epoch count, a comparison of runs never
+replaces a run's file, and files the pictures cannot draw are refused in one line."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgba
 
 
-def test_a_one_epoch_run_draws_a_visible_point_per_series(tmp_path, monkeypatch):
-    epoch = {"epoch": 1, "train_loss": 2.0, "train_acc": 0.25, "test_loss": 1.8, "test_acc": 0.3}
-    (tmp_path / "metrics.json").write_text(json.dumps({"epochs": [epoch]}))
+def _curves(tmp_path, monkeypatch, epochs: list[dict], argv: list[str] | None = None):
+    """The figure `train.report` draws for a run with these metrics rows (kept open to look at)."""
+    (tmp_path / "metrics.json").write_text(json.dumps({"epochs": epochs}))
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure the report draws, to look at it
     from train.report import main
 
-    assert main([str(tmp_path)]) == 0
-    (figure,) = figures
-    lines = [line for ax in figure.axes for line in ax.get_lines()]
-    assert len(lines) == 4  # train and test, loss and accuracy
-    for line in lines:
-        assert len(line.get_xdata()) == 1
+    assert main(argv or [str(tmp_path)]) == 0
+    monkeypatch.undo()
+    return figures[0]
+
+
+def _row(epoch: int, acc: float) -> dict:
+    return {"epoch": epoch, "train_loss": 2.0, "train_acc": acc, "test_loss": 2.0, "test_acc": acc}
+
+
+def _shown_ticks(ax) -> list[float]:
+    low, high = ax.get_xlim()
+    return [t for t in ax.get_xticks() if low <= t <= high]
+
+
+def test_a_one_epoch_run_draws_train_and_test_apart(tmp_path, monkeypatch):
+    """One epoch: one point per series, where train and test may even coincide (a smoke run at chance)."""
+    figure = _curves(tmp_path, monkeypatch, [_row(1, 0.1)])
+    for ax in figure.axes:
+        train, test = ax.get_lines()
+        assert len(train.get_xdata()) == len(test.get_xdata()) == 1
         # One point and no marker draws nothing: a line needs two points.
-        assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0, line.get_label()
-    # And in the picture: each axes holds coloured (non-grey) pixels of its series beyond the legend's samples.
+        for line in (train, test):
+            assert line.get_marker() not in (None, "", " ", "None") and line.get_markersize() > 0, line.get_label()
+        assert train.get_marker() != test.get_marker() and to_rgba(train.get_color()) != to_rgba(test.get_color())
+        assert _shown_ticks(ax) == [1] and ax.get_ylim()[0] == 0  # not an axis from 0.96 to 1.04
+    # And in the picture, where train and test coincide: pixels of both series' colours outside the legend.
     figure.canvas.draw()
     pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
-    coloured = (pixels.max(-1) - pixels.min(-1)) > 60
+    height = pixels.shape[0]
     for ax in figure.axes:
-        box = ax.get_window_extent()
-        legend = ax.get_legend().get_window_extent()
-        height = pixels.shape[0]
-        inside = np.zeros_like(coloured)
+        box, legend = ax.get_window_extent(), ax.get_legend().get_window_extent()
+        inside = np.zeros(pixels.shape[:2], bool)
         inside[int(height - box.y1) : int(height - box.y0), int(box.x0) : int(box.x1)] = True
         inside[int(height - legend.y1) : int(height - legend.y0), int(legend.x0) : int(legend.x1)] = False
-        assert (coloured & inside).sum() > 10, ax.get_title()
+        for line in ax.get_lines():
+            colour = np.array(to_rgba(line.get_color())[:3]) * 255
+            assert (inside & (np.abs(pixels - colour).max(-1) < 12)).sum() > 10, (ax.get_title(), line.get_label())
     assert (tmp_path / "curves.png").stat().st_size > 0
-    monkeypatch.undo()
     plt.close(figure)
+
+
+@pytest.mark.parametrize("epochs", [3, 7, 60])
+def test_the_epoch_axis_has_whole_epoch_ticks(tmp_path, monkeypatch, epochs):
+    figure = _curves(tmp_path, monkeypatch, [_row(e, e / epochs) for e in range(1, epochs + 1)])
+    for ax in figure.axes:
+        shown = _shown_ticks(ax)
+        assert len(shown) >= 2 and all(float(t).is_integer() for t in shown), shown
+    plt.close(figure)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_comparing_runs_writes_a_file_of_its_own_and_no_runs_file(tmp_path, monkeypatch):
+    from train.report import main
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"epochs": [GOOD_EPOCH]}))
+        (run / "curves.png").write_bytes(b"the run's own")
+    before = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["a", "b"]) == 0
+    assert _files(tmp_path) == {**before, "compare.png": (tmp_path / "compare.png").read_bytes()}
+    assert main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "both")]) == 0
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["compare.png"]
+
+
+def test_a_report_into_a_runs_folder_is_refused(tmp_path, monkeypatch, refused):
+    from train.report import main
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"epochs": [GOOD_EPOCH]}))
+    before = _files(tmp_path)
+    monkeypatch.chdir(tmp_path / "a")
+    assert "is a training run's folder" in refused(main, [".", "../b"])  # the comparison would land in run a
+    assert "is a training run's folder" in refused(main, ["../b", "--out", "."])  # b's pictures into run a
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv", [["--out"], ["--outdir", "x"], [], ["--out", ""]], ids=repr)
+def test_report_refuses_impossible_flags(argv, tmp_path, refused):
+    """(Run folders that are not finished runs are refused by train.report itself: tests/test_outputs.py.)"""
+    from train.report import main
+
+    refused(main, [str(tmp_path), *argv] if argv else argv)
 
 
 GOOD_EPOCH = {"epoch": 1, "train_loss": 2.0, "train_acc": 0.25, "test_loss": 1.8, "test_acc": 0.3}

@@ -1,11 +1,12 @@
 """Pictures of a run: `python -m train.report RUN_DIR [RUN_DIR ...]`.
 
-curves.png        train and evaluation loss and accuracy per epoch (several runs overlaid)
+curves.png        train and evaluation loss and accuracy per epoch
 confusion.png     the confusion matrix of the final model on the evaluation set, with class names
 misclassified.png the evaluation images the model got most wrong, with true and predicted labels
+compare.png       with several runs: their curves overlaid (in the current folder, or --out; never a run's folder)
 
-A training run writes all three into its --out at the end (from metrics.json and predictions.npz). Every file is
-written whole or not at all (train/checkpoint.py `atomic_write`), never through a link planted under its name.
+A training run writes the first three into its --out at the end (from metrics.json and predictions.npz). Every file
+is written whole or not at all (train/checkpoint.py `atomic_write`), never through a link planted under its name.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.cli import OneLineParser, given_path, output_dir, say_error
 from pipeline.data import CLASSES
+from pipeline.errors import DataError, OutputError, UserError
 from pipeline.files import os_reason
-from train.checkpoint import OutputError, atomic_write
+from train.checkpoint import atomic_write
 from train.outdir import PLOT_FILES
 
 CURVES_SIZE = (12, 4.5)  # inches at DPI: 1200 x 450 px
@@ -33,10 +36,7 @@ CONFUSION_SIZE = (7, 6)  # 700 x 600 px
 GRID_SIZE = (10, 11)  # 1000 x 1100 px
 DPI = 100
 WORST = 48  # images in misclassified.png
-
-
-class ReportError(Exception):
-    """A run folder's metrics.json or predictions.npz that cannot be read; the message says which and why."""
+COMPARE_FILE = "compare.png"  # the curves of several runs: a name no run writes, so no run's file is replaced
 
 
 def _save(fig, path: Path) -> None:  # fig: a matplotlib Figure
@@ -50,50 +50,53 @@ def _is_number(value: object) -> bool:
 
 def _read_epochs(run: Path) -> list[dict]:
     """metrics.json's per-epoch rows, each checked to hold what the curves plot (numbers, not strings a plot would
-    draw as categories): ReportError otherwise, never a traceback from inside matplotlib."""
+    draw as categories): DataError otherwise, never a traceback from inside matplotlib."""
     path = run / "metrics.json"
     try:
         epochs = json.loads(path.read_text())["epochs"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ReportError(f"{path}: cannot be read as a run's metrics ({type(err).__name__}: {err})") from None
+        raise DataError(f"{path}: cannot be read as a run's metrics ({type(err).__name__}: {err})") from None
     if not isinstance(epochs, list):
-        raise ReportError(f"{path}: 'epochs' is not a list of per-epoch rows (a {type(epochs).__name__})")
+        raise DataError(f"{path}: 'epochs' is not a list of per-epoch rows (a {type(epochs).__name__})")
     if not epochs:
-        raise ReportError(f"{path}: no epoch recorded yet")
+        raise DataError(f"{path}: no epoch recorded yet")
     for i, row in enumerate(epochs):
         if not isinstance(row, dict):
-            raise ReportError(f"{path}: epochs[{i}] is not a per-epoch row (a {type(row).__name__})")
+            raise DataError(f"{path}: epochs[{i}] is not a per-epoch row (a {type(row).__name__})")
         ev = "val" if "val_acc" in row else "test"
         needed = ["epoch", "train_loss", "train_acc"] + ([f"{ev}_loss", f"{ev}_acc"] if f"{ev}_acc" in row else [])
         for key in needed:
             if not _is_number(row.get(key)):
-                raise ReportError(f"{path}: epochs[{i}] has no number {key!r} (found {row.get(key)!r})")
+                raise DataError(f"{path}: epochs[{i}] has no number {key!r} (found {row.get(key)!r})")
     return epochs
 
 
-def _eval_key(epochs: list[dict]) -> str:
-    return "val" if any("val_acc" in e for e in epochs) else "test"
-
-
 def plot_curves(runs: list[Path], path: Path) -> None:
+    """Loss and accuracy per epoch of each run in `runs`. Within a run, train and evaluation differ in colour (a pale
+    and a dark shade of the run's hue) and in marker, so that even one epoch (one point per series) tells them apart;
+    the epoch axis has whole-number ticks. Raises DataError (metrics.json) or OutputError (`path`)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=CURVES_SIZE)
-    for run in runs:
+    shades = plt.get_cmap("tab20")(np.arange(20))  # pairs of (dark, pale) shades of one hue
+    last = 1
+    for i, run in enumerate(runs):
         epochs = _read_epochs(run)
-        ev = _eval_key(epochs)
-        x = [e["epoch"] for e in epochs]
-        name = run.name if len(runs) > 1 else ""
+        ev = "val" if any("val_acc" in e for e in epochs) else "test"
         evaluated = [e for e in epochs if f"{ev}_acc" in e]  # with --eval-every, not every epoch is evaluated
-        x_eval = [e["epoch"] for e in evaluated]
-        # Markers on every point: a short run (one epoch: one point per series) has no line segment to draw.
-        style = dict(marker="o", markersize=3)
-        line = ax_loss.plot(x, [e["train_loss"] for e in epochs], "--", label=f"{name} train".strip(), **style)[0]
-        style["color"] = line.get_color()
-        ax_loss.plot(x_eval, [e[f"{ev}_loss"] for e in evaluated], "-", label=f"{name} {ev}".strip(), **style)
-        ax_acc.plot(x, [100 * e["train_acc"] for e in epochs], "--", label=f"{name} train".strip(), **style)
-        ax_acc.plot(x_eval, [100 * e[f"{ev}_acc"] for e in evaluated], "-", label=f"{name} {ev}".strip(), **style)
+        name = f"{run.name} " if len(runs) > 1 else ""
+        dark, pale = shades[2 * i % 20], shades[(2 * i + 1) % 20]
+        # a ring around a square: where train and test coincide (a one-epoch run at chance), both stay visible
+        train = dict(color=pale, marker="o", markersize=9, markerfacecolor="none", mew=2, ls="--", label=f"{name}train")
+        test = dict(color=dark, marker="s", markersize=5, ls="-", label=f"{name}{ev}")
+        for ax, key, scale in ((ax_loss, "loss", 1), (ax_acc, "acc", 100)):
+            ax.plot([e["epoch"] for e in epochs], [scale * e[f"train_{key}"] for e in epochs], **train)
+            ax.plot([e["epoch"] for e in evaluated], [scale * e[f"{ev}_{key}"] for e in evaluated], **test)
+        last = max(last, epochs[-1]["epoch"])
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.set_xlim(0.5, last + 0.5)
+        ax.set_ylim(bottom=0)  # from zero: a single point is not blown up to fill the axis
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -106,22 +109,12 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
     fig, ax = plt.subplots(figsize=CONFUSION_SIZE)
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(
-            j,
-            i,
-            str(count),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if count > matrix.max() / 2 else "black",
-        )
+        color = "white" if count > matrix.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
     ax.set_yticks(range(len(CLASSES)), CLASSES)
-    ax.set(
-        xlabel="predicted",
-        ylabel="true",
-        title=f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})",
-    )
+    title = f"confusion matrix ({(labels == predicted).mean():.2%} correct of {len(labels):,})"
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     _save(fig, path)
 
@@ -129,9 +122,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path) -> Non
 def plot_misclassified(
     images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, path: Path
 ) -> None:
-    cols = 8
-    rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=GRID_SIZE, squeeze=False)
+    fig, axes = plt.subplots(WORST // 8, 8, figsize=GRID_SIZE)  # one grid for any count: cells of one size
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, true, pred, conf in zip(axes.flat, images, labels, predicted, confidence, strict=False):
@@ -142,11 +133,12 @@ def plot_misclassified(
     _save(fig, path)
 
 
-def write_run_plots(run: Path) -> list[Path]:
-    """curves.png, and confusion.png and misclassified.png when `run` has predictions.npz; returns the paths written.
-    Raises ReportError (a file that cannot be read) or OutputError (one that cannot be written)."""
+def write_run_plots(run: Path, out: Path | None = None) -> list[Path]:
+    """curves.png, and confusion.png and misclassified.png when `run` has predictions.npz, into `out` (default: the
+    run's folder); returns the paths written. Raises DataError (a file that cannot be read) or OutputError (one that
+    cannot be written)."""
     run = Path(run)
-    curves, confusion, misclassified = (run / name for name in PLOT_FILES)
+    curves, confusion, misclassified = (Path(out or run) / name for name in PLOT_FILES)
     plot_curves([run], curves)
     predictions = run / "predictions.npz"
     if not predictions.exists():
@@ -160,31 +152,31 @@ def write_run_plots(run: Path) -> list[Path]:
 PREDICTION_KEYS = ("labels", "predicted", "worst_images", "worst_labels", "worst_predicted", "worst_confidence")
 
 
-# What predictions.npz may expand to: labels and predictions of a 60,000-image split and WORST images are under 1 MB;
-# a file whose arrays claim more was not written by this tool, and is refused before it is expanded (a few MB of
-# zeros compress to GBs).
+# What predictions.npz may expand to (a 60,000-image split and WORST images take under 1 MB): a file whose arrays claim
+# more was not written by this tool, and is refused before it is expanded (a few MB of zeros compress to GBs).
 PREDICTIONS_MAX_BYTES = 64 * 2**20
 
 
 def _read_predictions(path: Path) -> dict[str, np.ndarray]:
-    """predictions.npz's arrays (PREDICTION_KEYS), checked to be what `save_predictions` writes: ReportError
+    """predictions.npz's arrays (PREDICTION_KEYS), checked to be what `save_predictions` writes: DataError
     otherwise (corrupt, too large, or arrays whose shapes, types or class indices the pictures cannot draw)."""
-    damaged = f"{path}: truncated or corrupt"
     try:
         with zipfile.ZipFile(path) as archive:
             expanded = sum(info.file_size for info in archive.infolist())
         if expanded > PREDICTIONS_MAX_BYTES:
-            raise ReportError(
+            raise DataError(
                 f"{path}: its arrays expand to {expanded:,} bytes, more than the {PREDICTIONS_MAX_BYTES:,} this tool "
                 "ever writes; it is not a run's predictions: delete it to plot the curves alone"
             )
         with np.load(path) as found:
             p = {key: found[key] for key in PREDICTION_KEYS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise ReportError(f"{damaged} ({type(err).__name__}: {err}); delete it to plot the curves alone") from None
+        raise DataError(
+            f"{path}: truncated or corrupt ({type(err).__name__}: {err}); delete it to plot the curves alone"
+        ) from None
     problem = _predictions_problem(p)
     if problem:
-        raise ReportError(f"{path}: not what a run writes ({problem}); delete it to plot the curves alone")
+        raise DataError(f"{path}: not what a run writes ({problem}); delete it to plot the curves alone")
     return p
 
 
@@ -217,18 +209,9 @@ def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabi
     predicted = probabilities.argmax(1)
     wrong = np.flatnonzero(predicted != labels)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:WORST]
-    atomic_write(
-        path,
-        lambda f: np.savez_compressed(
-            f,
-            labels=labels,
-            predicted=predicted,
-            worst_images=images[worst],
-            worst_labels=labels[worst],
-            worst_predicted=predicted[worst],
-            worst_confidence=probabilities[worst, predicted[worst]],
-        ),
-    )
+    worst_of = {"images": images, "labels": labels, "predicted": predicted, "confidence": probabilities.max(1)}
+    arrays = {"labels": labels, "predicted": predicted, **{f"worst_{k}": v[worst] for k, v in worst_of.items()}}
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,32 +219,27 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("runs", nargs="+", type=given_path, help="run folders (each with metrics.json)")
-    p.add_argument(
-        "--out",
-        type=output_dir,
-        default=None,
-        help="where to write (default: the run folder; with several runs, curves.png goes to the first)",
-    )
+    p.add_argument("--out", type=output_dir, help="folder to write into (default: one run's own; several runs': .)")
     args = p.parse_args(argv)
-    for run in args.runs:
-        if not (run / "metrics.json").is_file():
-            say_error(f"{run}/metrics.json not found: is {run} a training run's --out?")
-            return 2
+    runs, compare = args.runs, len(args.runs) > 1
+    out = args.out or (Path(".") if compare else runs[0])
+    if (out / "metrics.json").exists() and (compare or out.resolve() != runs[0].resolve()):
+        p.error(f"--out {out} is a training run's folder, whose files are that run's own; give --out another folder")
     try:
-        if len(args.runs) == 1 and args.out is None:
-            for path in write_run_plots(args.runs[0]):
-                print(path)
-            return 0
-        out = args.out or args.runs[0]
+        for run in runs:
+            if not (run / "metrics.json").is_file():
+                raise DataError(f"{run}/metrics.json not found: is {run} a training run's --out?")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OutputError(f"--out {out}: cannot create the folder ({os_reason(err)})") from None
-        plot_curves(args.runs, out / "curves.png")
-    except (ReportError, OutputError) as err:
+        written = [out / COMPARE_FILE] if compare else write_run_plots(runs[0], out)
+        if compare:
+            plot_curves(runs, written[0])
+    except UserError as err:
         say_error(str(err))
-        return 2
-    print(out / "curves.png")
+        return err.exit_code
+    print("\n".join(map(str, written)))
     return 0
 
 
