@@ -42,21 +42,17 @@ def resolve_root(data_dir: str | os.PathLike | None) -> Path:
     return Path(chosen).expanduser()
 
 
-# What a user without the needed permission has to change, by what was being done.
-_ACCESS_NEEDED = {
-    "read": "read access to the data files and read and search (x) access to their folders "
-    "(e.g. chmod -R a+rX on the data folder), or a copy of the data somewhere readable",
-    "write": "write access to that folder to download or extract CIFAR-10 there; choose another --data-dir",
-}
-
-
 @contextlib.contextmanager
-def _os_errors(path: Path, doing: str) -> Iterator[None]:
+def _os_errors(path: Path) -> Iterator[None]:
     """Turn an OSError of the file system into one DataError line: a permission problem says so and what to change."""
     try:
         yield
     except PermissionError as err:
-        raise DataError(f"{err.filename or path}: permission denied; this needs {_ACCESS_NEEDED[doing]}.") from None
+        raise DataError(
+            f"{err.filename or path}: permission denied; CIFAR-10 needs read access to its files and folders (e.g. "
+            "chmod -R a+rX on the data folder), and write access where it is downloaded or extracted; or choose "
+            "another --data-dir."
+        ) from None
     except OSError as err:
         raise DataError(f"{err.filename or path}: {err.strerror or err} ({type(err).__name__}).") from None
 
@@ -70,45 +66,34 @@ def _batches_dir(root: Path) -> Path | None:
 
 
 def find_batches_dir(root: str | os.PathLike) -> Path:
-    """`root` may be the folder holding `cifar-10-batches-py` or that folder itself.
-
-    Raises DataError when neither is there or the folders cannot be searched (permissions).
-    """
+    """The `cifar-10-batches-py` folder: `root` itself, inside `root`, or extracted from the official archive there
+    (`root` may name the archive). Raises DataError when none is there or the folders cannot be searched."""
     root = Path(root).expanduser()
-    with _os_errors(root, "read"):
+    with _os_errors(root):
+        if root.name == ARCHIVE and root.is_file():
+            root = root.parent
         folder = _batches_dir(root)
+        if folder is None and (root / ARCHIVE).is_file():
+            folder = extract_official_archive(root / ARCHIVE)
         if folder is not None:
             return folder
-        exists = root.exists()
-    if not exists:
-        raise DataError(
-            f"{root}: folder not found. Point --data-dir (or ${ENV_VAR}) at the folder that holds {FOLDER}/, "
-            "or add --download to fetch the official archive."
-        )
+        found = f"no {FOLDER}/ folder and no {TRAIN_FILES[0]} in it" if root.exists() else "folder not found"
     raise DataError(
-        f"{root}: no {FOLDER}/ folder and no {TRAIN_FILES[0]} in it. Point --data-dir at the folder that holds "
-        f"{FOLDER}/ (the python version of CIFAR-10), or add --download."
+        f"{root}: {found}. Point --data-dir (or ${ENV_VAR}) at the folder that holds {FOLDER}/ (the python version of "
+        "CIFAR-10), or add --download to fetch the official archive."
     )
 
 
-def _archive_parent(root: Path) -> Path:
-    """`root` itself may be the official archive; the data then goes beside it."""
-    return root.parent if root.name == ARCHIVE and root.is_file() else root
-
-
-def extract_official_archive(archive: str | os.PathLike) -> Path:
+def extract_official_archive(archive: Path) -> Path:
     """Verify the official archive's md5 and extract it beside itself (torchvision's utilities); returns the folder.
 
-    The extraction goes to a temporary folder first and is renamed into place, so an interrupted one leaves no
-    half-filled `cifar-10-batches-py/`; a copy extracted meanwhile by another process (a torchrun rank) is kept.
-    Raises DataError on an md5 mismatch or a file-system error (permission, disk full).
+    Extracted into a scratch folder renamed into place, so an interrupted extraction leaves no half-filled folder; a
+    copy another process (a torchrun rank) finished meanwhile is kept. Raises DataError (md5, permission, disk full).
     """
-    from torchvision.datasets.utils import calculate_md5
-    from torchvision.datasets.utils import extract_archive as extract
+    from torchvision.datasets.utils import calculate_md5, extract_archive
 
-    archive = Path(archive)
     root = archive.parent
-    with _os_errors(archive, "read"):
+    with _os_errors(archive):
         digest = calculate_md5(archive)
     if digest != ARCHIVE_MD5:
         raise DataError(
@@ -116,10 +101,10 @@ def extract_official_archive(archive: str | os.PathLike) -> Path:
             f"version of CIFAR-10. Delete it and download {URL} again (or use --download)."
         )
     print(f"extracting {archive} (md5 verified) into {root / FOLDER}", flush=True)
-    with _os_errors(root, "write"):
+    with _os_errors(root):
         scratch = Path(tempfile.mkdtemp(prefix=".extracting-", dir=root))
         try:
-            extract(archive, scratch)
+            extract_archive(str(archive), str(scratch))
             try:
                 (scratch / FOLDER).rename(root / FOLDER)
             except OSError:
@@ -130,30 +115,18 @@ def extract_official_archive(archive: str | os.PathLike) -> Path:
     return root / FOLDER
 
 
-def _find_or_extract(root: Path) -> Path:
-    """find_batches_dir, except that a folder holding only the official archive gets it verified and extracted."""
-    with _os_errors(root, "read"):
-        root = _archive_parent(root)
-        archive_only = _batches_dir(root) is None and (root / ARCHIVE).is_file()
-    if archive_only:
-        extract_official_archive(root / ARCHIVE)
-    return find_batches_dir(root)
-
-
 def download(root: str | os.PathLike) -> Path:
     """Fetch, md5-verify and extract the official archive into `root` unless the data or the archive is there.
 
-    Never overwrites: an extracted copy is used as it is, an archive already in `root` is verified and extracted. The
-    download goes to `cifar-10-python.tar.gz.part`, renamed when complete and verified; a failed one leaves neither
-    that file nor any folder this call created. Raises DataError (one line saying what to do without network).
+    Never overwrites. The download goes to `cifar-10-python.tar.gz.part`, renamed when complete and verified; a failed
+    one leaves neither that file nor any folder this call created. Raises DataError (saying what to do offline).
     """
     from torchvision.datasets.utils import download_url
 
     root = Path(root).expanduser()
-    with _os_errors(root, "write"):
-        root = _archive_parent(root)
-        if _batches_dir(root) is not None or (root / ARCHIVE).is_file():
-            return _find_or_extract(root)
+    with _os_errors(root):
+        if (root.name == ARCHIVE and root.is_file()) or _batches_dir(root) is not None or (root / ARCHIVE).is_file():
+            return find_batches_dir(root)
         if root.exists() and not root.is_dir():
             raise DataError(f"{root}: a file, not a folder. Point --data-dir at a folder to download CIFAR-10 into.")
         created = [folder for folder in (root, *root.parents) if not folder.exists()]
@@ -176,7 +149,7 @@ def download(root: str | os.PathLike) -> Path:
             f"({ARCHIVE_MB} MB, md5 {ARCHIVE_MD5}) and put {ARCHIVE} in {root} (it is verified and extracted on the "
             f"next run), or extract it there yourself: tar -xzf {ARCHIVE} -C {root}"
         ) from None
-    return _find_or_extract(root)
+    return find_batches_dir(root)
 
 
 def load_cifar10(
@@ -184,12 +157,10 @@ def load_cifar10(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return (train_x, train_y, test_x, test_y): uint8 NHWC [N,32,32,3] images and int64 labels in 0..9.
 
-    `root` is the folder holding `cifar-10-batches-py/`, that folder itself, or a folder holding only the official
-    archive (verified and extracted first; the archive's own path works too). Raises DataError naming the file and
-    what is wrong. The splits must have 50,000/10,000 images (a half-copied dataset is caught here) unless
-    `allow_small` accepts smaller ones (tests build tiny copies).
+    `root` as find_batches_dir takes it. Raises DataError naming the file and what is wrong. The splits must have
+    50,000/10,000 images (a half-copied dataset is caught here) unless `allow_small` accepts fewer (tests).
     """
-    folder = _find_or_extract(Path(root).expanduser())
+    folder = find_batches_dir(root)
     train = [_read_batch(folder / name) for name in TRAIN_FILES]
     train_x = np.concatenate([x for x, _ in train])
     train_y = np.concatenate([y for _, y in train])
@@ -247,11 +218,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     A batch is a dict with text keys 'data', a uint8 array [N, 3072] (channel-planar RGB), and 'labels', N integers
     0..9 as a list of ints or a 1-D integer array.
     """
-    with _os_errors(path, "read"):
+    with _os_errors(path):
         if not path.exists():
-            raise DataError(
-                f"{path}: file missing. The {FOLDER}/ folder needs {', '.join(TRAIN_FILES)} and {TEST_FILE}."
-            )
+            raise DataError(f"{path}: file missing; {FOLDER}/ needs data_batch_1..5 and {TEST_FILE}.")
         if path.stat().st_size > MAX_FILE_BYTES:
             raise DataError(f"{path}: larger than {MAX_FILE_BYTES:,} bytes; not a CIFAR-10 batch.")
         with open(path, "rb") as f:
