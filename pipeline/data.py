@@ -178,8 +178,8 @@ def load_cifar10(
 
 
 IMAGE_BYTES = 3 * 32 * 32
-# An official batch file is 31 MB (10,000 images). Python 3's protocol 0 stores bytes as escaped text, up to several
-# file bytes per pixel, so a valid batch can be a few times larger; anything beyond this cap is refused unread.
+# An official batch file is 31 MB (10,000 images). Python 3's protocol 0 writes 5 byte values as 6-character escapes,
+# so a valid batch takes at most ~190 MB; a file beyond this cap is refused unread.
 MAX_FILE_BYTES = 256 * 2**20
 
 # Everything a CIFAR-10 batch's pickle calls (Python 2 or 3, protocols 0-5, numpy 1 or 2 writers): numpy's array,

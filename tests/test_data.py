@@ -27,12 +27,12 @@ from pipeline.data import (
     TEST_FILE,
     TRAIN_FILES,
     URL,
-    DataError,
     download,
     find_batches_dir,
     load_cifar10,
     resolve_root,
 )
+from pipeline.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
