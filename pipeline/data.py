@@ -253,9 +253,9 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _check_labels(path: Path, labels: object, count: int) -> np.ndarray:
     """int64 [count] labels from a list of ints or a 1-D integer array (True is no class index, 6.7 no label)."""
     if isinstance(labels, list):
-        bad = [value for value in labels if type(value) is not int and not isinstance(value, np.integer)]
+        bad = [i for i, value in enumerate(labels) if type(value) is not int and not isinstance(value, np.integer)]
         if bad:
-            raise DataError(f"{path}: a label is {_describe(bad[0])}; CIFAR-10 labels are integers 0..9.")
+            raise DataError(f"{path}: label {bad[0]} is {_describe(labels[bad[0]])}; labels are integers 0..9.")
         labels = np.asarray(labels)  # integers beyond int64 make an object array, still compared exactly
     elif not (isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu"):
         raise DataError(

@@ -229,10 +229,10 @@ def test_every_pickle_protocol_and_python2_is_read_exactly(copy, encoding):
 
 N = 60  # images in each train batch of tiny_cifar
 BAD_BATCHES = {
-    "labels-text": ({b"labels": ["6"] * N}, "a label is '6' (a str)"),
-    "labels-float": ({b"labels": [3] * (N - 1) + [6.7]}, "a label is 6.7 (a float)"),
-    "labels-bool": ({b"labels": [True] * N}, "a label is True (a bool)"),
-    "labels-nested": ({b"labels": [[3]] * N}, "a label is [3] (a list)"),
+    "labels-text": ({b"labels": ["6"] * N}, "label 0 is '6' (a str)"),
+    "labels-float": ({b"labels": [3] * (N - 1) + [6.7]}, f"label {N - 1} is 6.7 (a float)"),
+    "labels-bool": ({b"labels": [True] * N}, "label 0 is True (a bool)"),
+    "labels-nested": ({b"labels": [[3]] * N}, "label 0 is [3] (a list)"),
     "labels-beyond-int64": ({b"labels": [3] * (N - 1) + [2**70]}, "1 labels outside 0..9"),
     "labels-float-array": ({b"labels": np.full(N, 6.7)}, "'labels' is a float64 array of shape (60,)"),
     "labels-column-array": ({b"labels": np.zeros((N, 1), np.int64)}, "'labels' is a int64 array of shape (60, 1)"),
