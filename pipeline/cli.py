@@ -1,13 +1,6 @@
-"""Command-line plumbing shared by every entry point (`python -m train`, `bench`, `bench.host_ops`,
-`pipeline.gallery`, `train.report`): one parser class and the argparse types that refuse impossible flag values.
+"""Command-line plumbing of every entry point: a mistake is one line on stderr, `error: ...`, with its exit code.
 
-A leaf module (standard library only at import; torch only inside `out_of_memory`) in `pipeline`, the package every
-entry point already imports, so that no entry point pulls in another's dependencies to parse its flags and
-`pipeline` never imports `train` or `bench`.
-
-A bad value is reported the same way everywhere: one line on stderr, `error: argument --flag: what is wrong (see
---help)`, exit code 2, before any data is read or any loader is built. The types are argparse's own extension point
-(a callable that raises `argparse.ArgumentTypeError`), so the message names the flag without extra code.
+argparse's refusals go through `OneLineParser` (exit 2), a UserError or a failed allocation through `one_line_errors`.
 """
 
 from __future__ import annotations
@@ -19,22 +12,28 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.errors import ConfigError, OutputError, UserError
+
 
 def one_line(text: str) -> str:
-    """`text` with line breaks and other control characters written as escapes (a path may hold a newline: `--out
-    $'a\\nb'`), so that an error that quotes it is still one line."""
+    """`text` with control characters escaped (a path may hold a newline), so that a message quoting it is one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def say_error(message: str) -> None:
-    """Print `error: MESSAGE` on stderr as one line (`one_line`): how every entry point reports a mistake."""
+    """Print `error: MESSAGE` on stderr as one line."""
     print(f"error: {one_line(message)}", file=sys.stderr)
 
 
+def report(err: UserError) -> int:
+    """Print `err` as one `error:` line on stderr; returns its exit code (what an entry point's main returns)."""
+    say_error(str(err))
+    return err.exit_code
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block) and exit code 2, and flags are spelled out: no
-    abbreviations (an abbreviation is a second spelling of a flag, which changes meaning as soon as another flag
-    with the same prefix is added)."""
+    """argparse, but a bad flag is one line (no usage block), exit code 2, and abbreviations are off: an
+    abbreviation would change meaning as soon as another flag with the same prefix is added."""
 
     def __init__(self, *args, **kwargs) -> None:  # argparse.ArgumentParser's own
         kwargs.setdefault("allow_abbrev", False)
@@ -45,14 +44,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to a flag's help, except where the help already says its default or there is none
-    to show (None, False, a suppressed default): argparse's own formatter would print "(default: None)" there."""
+    """Appends "(default: X)" to a flag's help unless the help says it already or there is none (None, False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 def _integer(text: str) -> int:
@@ -63,9 +61,7 @@ def _integer(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer > 0 (counts and sizes: batch size, images, repeats, steps).
-
-    Raises argparse.ArgumentTypeError (argparse turns it into a one-line error naming the flag)."""
+    """argparse type: an integer > 0 (counts and sizes). Raises argparse.ArgumentTypeError."""
     value = _integer(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text}")
@@ -73,10 +69,7 @@ def positive_int(text: str) -> int:
 
 
 def worker_count(text: str) -> int:
-    """argparse type: a worker-process or thread count, >= 0 and at most pipeline.WORKERS_PER_CORE_MAX per usable
-    core (pipeline.check_workers, the bound every loader applies).
-
-    Raises argparse.ArgumentTypeError."""
+    """argparse type: a worker count that every loader accepts (pipeline.check_workers). Raises ArgumentTypeError."""
     from pipeline import check_workers  # the package's own __init__, loaded by the time a flag is parsed
 
     value = _integer(text)
@@ -88,9 +81,7 @@ def worker_count(text: str) -> int:
 
 
 def output_dir(text: str) -> Path:
-    """argparse type: a folder to write into (created later if missing); refused if it or a parent is a file.
-
-    Raises argparse.ArgumentTypeError."""
+    """argparse type: a folder to write into (created later if missing); refused if it or a parent is a file."""
     if not text:  # Path("") is the current folder: an unset shell variable would write there
         raise argparse.ArgumentTypeError("is empty; give a folder (. for the current one)")
     path = Path(text)
@@ -101,8 +92,7 @@ def output_dir(text: str) -> Path:
 
 
 def output_file(text: str) -> Path:
-    """argparse type: a file to write (its folder created later if missing); refused if it is an existing folder or
-    a parent is a file. Raises argparse.ArgumentTypeError."""
+    """argparse type: a file to write; refused if it is a folder or a parent is a file."""
     if not text:
         raise argparse.ArgumentTypeError("is empty; give a file name")
     path = Path(text)
@@ -112,85 +102,63 @@ def output_file(text: str) -> Path:
     return path
 
 
-def writable_folder(path: Path, flag: str) -> None:
-    """Create folder `path` if it is missing and prove it writable (pipeline/files.py `prove_writable`), before any
-    work: a read-only or full file system, or one where the user may not write, is one line then, not a traceback
-    after the measurements or draws the command was run for. Raises ValueError (one line naming `flag`)."""
-    from pipeline.files import os_reason, prove_writable
-
-    try:
-        prove_writable(path)
-    except OSError as err:
-        raise ValueError(
-            f"{flag} {str(path)!r}: cannot write there ({os_reason(err)}); choose a folder you can write to"
-        ) from None
-
-
 def given_path(text: str) -> Path:
-    """argparse type: a path to read, refused when empty (Path("") would silently be the current folder).
-
-    Raises argparse.ArgumentTypeError."""
+    """argparse type: a path to read, refused when empty (Path("") would silently be the current folder)."""
     if not text:
         raise argparse.ArgumentTypeError("is empty; give a path")
     return Path(text)
 
 
-def physical_memory_bytes() -> int | None:
-    """This machine's RAM in bytes (POSIX sysconf: pages x page size), None where the platform does not say."""
+def writable_folder(path: Path, flag: str) -> None:
+    """Create folder `path` if missing and prove it writable before any work. Raises OutputError naming `flag`."""
+    from pipeline.files import os_reason, prove_writable
+
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+        prove_writable(path)
+    except OSError as err:
+        raise OutputError(
+            f"{flag} {str(path)!r}: cannot write there ({os_reason(err)}); choose a folder you can write to"
+        ) from None
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
-    """Refuse, before allocating, an array that could not fit: more than half of this machine's RAM (half: the loader,
-    its worker processes or DALI's buffers and the model need the rest). A value near the limit can still run out of
-    memory later; this refuses the impossible ones before the kernel's out-of-memory killer ends the process without
-    a word. Raises ValueError (one line) naming `what` (the flags that set the size)."""
-    ram = physical_memory_bytes()
-    if ram is not None and nbytes > ram // 2:
-        raise ValueError(
+    """ConfigError naming `what` for an array of more than half this machine's RAM, before it is allocated (the
+    kernel's out-of-memory killer would end the process without a word)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # the platform does not say
+        return
+    if nbytes > ram // 2:
+        raise ConfigError(
             f"{what} needs {nbytes / 2**30:,.1f} GiB of memory, more than half of this machine's "
             f"{ram / 2**30:,.1f} GiB; lower it"
         )
 
 
-def out_of_memory(err: BaseException) -> bool:
-    """Whether `err` is an allocation that failed: numpy's MemoryError, torch's OutOfMemoryError (CUDA), or the
-    RuntimeError torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate memory"). Entry points turn these
-    into one line that says which flag to lower, instead of a traceback: the code is not at fault, the size is."""
-    if isinstance(err, MemoryError):
-        return True
+def one_line_errors(flags: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator for an entry point's `main(argv) -> int`: a UserError ends it as one line with its exit code, a
+    failed allocation (numpy's MemoryError, torch's OutOfMemoryError or CPU allocator's RuntimeError) as one line
+    naming `flags` (what sets the sizes) with exit code 1. Every other exception keeps its traceback (a bug)."""
     import torch
-
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-
-
-def out_of_memory_message(err: BaseException, flags: str) -> str:
-    """`error: out of memory (...)` in one line: the first line of what the allocator said and which flags to lower."""
-    said = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"error: out of memory ({one_line(said[:200])}); lower {flags}"
-
-
-def one_line_on_out_of_memory(flags: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorator for an entry point's `main(argv) -> int`: an allocation that fails anywhere in it (`out_of_memory`)
-    ends the command with one line naming `flags` (what sets the sizes) and exit code 1; every other exception
-    passes through untouched (a bug keeps its traceback)."""
 
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args: object, **kwargs: object) -> int:
             try:
                 return main(*args, **kwargs)
+            except UserError as err:
+                return report(err)
             except (MemoryError, RuntimeError) as err:
-                if not out_of_memory(err):
+                allocation = isinstance(err, (MemoryError, torch.OutOfMemoryError))
+                if not allocation and "can't allocate memory" not in str(err):  # what torch's CPU allocator says
                     raise
-                print(out_of_memory_message(err, flags), file=sys.stderr)
+                said = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                say_error(f"out of memory ({said[:200]}); lower {flags}")
                 return 1
 
         return run
 
     return wrap
+
+
+one_line_on_out_of_memory = one_line_errors  # the former name, until every entry point uses the new one

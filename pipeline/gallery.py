@@ -1,10 +1,7 @@
 """`python -m pipeline.gallery`: the same training images raw, through albumentations and through DALI.
 
-Writes augmentations.png: one row per image; the raw image, then several draws of the albumentations loader, then
-several draws of the DALI loader (GPU graph on CUDA, DALI's CPU operators otherwise), all from the spec `--aug`
-gives; then, for each augmentation unit (pipeline/augs/), one albumentations and one DALI draw of that unit alone and
-always applied, including those the spec leaves off (pad-and-crop at 4 px unless --aug sets pad_crop_px). Both
-loaders are built from the same AugSpec, so the two halves of each pair should look like the same kind of thing.
+Writes augmentations.png: per image, draws of both loaders from the spec `--aug` gives, then each augmentation unit
+alone and always applied, in both loaders. Both are built from one AugSpec, so each pair should look alike.
 """
 
 from __future__ import annotations
@@ -21,25 +18,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from pipeline import AugSpec, DataError, Order, check_seed, load_cifar10, make_loader, resolve_root
+from pipeline import AugSpec, Order, check_seed, make_loader
 from pipeline.augs import UNITS, Aug
-from pipeline.cli import (
-    OneLineParser,
-    given_path,
-    one_line_on_out_of_memory,
-    output_file,
-    positive_int,
-    say_error,
-    writable_folder,
-)
-from pipeline.data import CLASSES
+from pipeline.cli import OneLineParser, given_path, one_line_errors, output_file, positive_int, writable_folder
+from pipeline.data import CLASSES, download, load_cifar10, resolve_root
+from pipeline.errors import ConfigError, OutputError
 from pipeline.files import os_reason, write_whole
 
-CELL_INCHES, DPI = 1.0, 100  # every image cell is 100 x 100 px
-TITLE_ROWS = 0.4  # the column titles' band above the grid, in cell heights
-# matplotlib's Agg backend refuses to draw a figure of 2**16 pixels or more on a side ("Image size ... is too large");
-# the grid is refused before any work instead of after every draw is made.
-AGG_MAX_PX = 2**16
+DPI = 100  # every image cell is one inch: 100 x 100 px
+TITLE_ROWS = 0.4  # the column titles' band above the grid, in cells
 
 
 def grid_columns(draws: int) -> int:
@@ -47,15 +34,13 @@ def grid_columns(draws: int) -> int:
     return 1 + 2 * draws + 2 * len(UNITS)
 
 
-def grid_fits(rows: int, columns: int) -> None:
-    """ValueError (one line) unless a grid of rows x columns cells of CELL_INCHES x DPI px fits Agg's limit."""
-    cell_px = CELL_INCHES * DPI
-    for count, size, flag in ((rows + TITLE_ROWS, rows, "--images"), (columns, columns, "--draws")):
-        if count * cell_px >= AGG_MAX_PX:
-            raise ValueError(
-                f"{flag}: {size} {'rows' if flag == '--images' else 'columns'} of {cell_px:.0f} px do not fit "
-                f"matplotlib's limit of {AGG_MAX_PX} px per side; lower {flag}"
-            )
+def grid_fits(rows: int, draws: int) -> None:
+    """ConfigError unless the grid fits the 2**16 px per side that matplotlib's Agg draws: before the draws."""
+    if max(rows + TITLE_ROWS, grid_columns(draws)) * DPI >= 2**16:
+        raise ConfigError(
+            f"--images {rows} and --draws {draws}: a grid of {rows} x {grid_columns(draws)} cells of {DPI} px does not "
+            "fit matplotlib's limit of 65,536 px per side; lower them"
+        )
 
 
 def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int, device: str) -> np.ndarray:
@@ -87,7 +72,7 @@ def alone(spec: AugSpec, unit: Aug) -> AugSpec:
 def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per image: the raw image, then each (title, [N, H, W, 3] uint8) column."""
     n, cols = len(images), 1 + len(columns)
-    fig, axes = plt.subplots(n, cols, figsize=(cols * CELL_INCHES, (n + TITLE_ROWS) * CELL_INCHES), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(cols, n + TITLE_ROWS), squeeze=False)
     for row in range(n):
         cells = [("raw", images[row])] + [(title, column[row]) for title, column in columns]
         for col, (title, cell) in enumerate(cells):
@@ -101,11 +86,13 @@ def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.n
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.3 / (n + TITLE_ROWS), bottom=0.01, wspace=0.05, hspace=0.05)
     try:
         write_whole(path, lambda f: fig.savefig(f, format="png", dpi=DPI))  # whole or not at all
+    except OSError as err:  # the disk filled up or went read-only since the check
+        raise OutputError(f"could not write {path} ({os_reason(err)}); free space or choose another --out") from None
     finally:
         plt.close(fig)
 
 
-@one_line_on_out_of_memory("--images or --draws")
+@one_line_errors("--images or --draws")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m pipeline.gallery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-dir", type=given_path, default=None, help="CIFAR-10 folder (default $CIFAR10_ROOT, else ~/data/cifar10)"
     )
+    p.add_argument("--download", action="store_true", help="fetch and verify the official archive if missing")
     p.add_argument("--allow-small-data", action="store_true", help="accept a small copy (tests)")
     p.add_argument("--out", type=output_file, default=Path("augmentations.png"), help="PNG to write")
     p.add_argument("--images", type=positive_int, default=8, help="how many training images (rows)")
@@ -121,17 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE", help="override an AugSpec field")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where DALI runs")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible; use --device cpu (DALI's CPU operators)")
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu (DALI's CPU operators)")
         spec = AugSpec.from_overrides(args.aug)
         check_seed(args.seed)
-        grid_fits(args.images, grid_columns(args.draws))
-        train_x, train_y, _, _ = load_cifar10(resolve_root(args.data_dir), allow_small=args.allow_small_data)
-        writable_folder(args.out.parent, "--out")  # before the draws, not after them
-    except (DataError, ValueError) as err:
-        say_error(str(err))
-        return 2
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    grid_fits(args.images, args.draws)
+    root = resolve_root(args.data_dir)
+    train_x, train_y, _, _ = load_cifar10(download(root) if args.download else root, allow_small=args.allow_small_data)
+    writable_folder(args.out.parent, "--out")  # before the draws, not after them
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     images, labels = train_x[: args.images], train_y[: args.images]
     dali_label = "DALI GPU" if device == "cuda" else "DALI (CPU mode)"
@@ -142,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
         columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
     assert 1 + len(columns) == grid_columns(args.draws)  # what grid_fits checked is what is drawn
-    try:
-        render(images, labels, columns, args.out)
-    except OSError as err:  # the disk filled up or went read-only since the check
-        say_error(f"could not write {args.out} ({os_reason(err)}); free space or choose another --out")
-        return 2
+    render(images, labels, columns, args.out)
     print(args.out)
     return 0
 

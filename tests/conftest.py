@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from pipeline.data import write_cifar10
+from pipeline.data import CLASSES, FOLDER, TEST_FILE, TRAIN_FILES
 
 # The environment the tests run in, the same on every machine (every subprocess inherits it). Removed: what would
 # change what the code under test does or prints (torchrun's variables would make every run a rank of a job; tqdm
@@ -61,6 +63,28 @@ def decode_index(x: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> np.nda
     """Inverse of indexed_images for a normalized batch x [B,3,H,W] (no augmentation applied)."""
     pixels = torch.round((x[:, 0, 0, :3] * std + mean) * 255).long()
     return (pixels[:, 0] + 256 * pixels[:, 1] + 65536 * pixels[:, 2]).cpu().numpy()
+
+
+def write_cifar10(root, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> Path:
+    """Write NHWC uint8 arrays in the standard layout, as the official files hold them; returns the batches folder."""
+    folder = Path(root) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = np.array_split(np.arange(len(train_x)), len(TRAIN_FILES))
+    parts = [(name, train_x[idx], train_y[idx]) for name, idx in zip(TRAIN_FILES, chunks, strict=True)]
+    for name, x, y in [*parts, (TEST_FILE, test_x, test_y)]:
+        flat = np.ascontiguousarray(np.asarray(x, dtype=np.uint8).transpose(0, 3, 1, 2).reshape(len(x), -1))
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in y], b"data": flat}, f, protocol=4)
+    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": len(chunks[0]), b"num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f, protocol=4)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar_writer():
+    """`write(root, train_x, train_y, test_x, test_y)`: a CIFAR-10 copy of these arrays (write_cifar10)."""
+    return write_cifar10
 
 
 @pytest.fixture(scope="session")

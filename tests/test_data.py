@@ -27,13 +27,12 @@ from pipeline.data import (
     TEST_FILE,
     TRAIN_FILES,
     URL,
-    DataError,
     download,
     find_batches_dir,
     load_cifar10,
     resolve_root,
-    write_cifar10,
 )
+from pipeline.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +45,11 @@ def test_reads_arrays_in_nhwc(tiny_cifar):
     assert train_x.flags.c_contiguous
 
 
-def test_pixel_layout_round_trips(tmp_path):
+def test_pixel_layout_round_trips(tmp_path, cifar_writer):
     """The pickles are channel-planar; the reader must undo exactly that (a red pixel stays red, top-left)."""
     x = np.zeros((10, 32, 32, 3), np.uint8)
     x[3, 0, 1] = (255, 7, 0)
-    write_cifar10(tmp_path, x, np.arange(10), x[:2], np.arange(2))
+    cifar_writer(tmp_path, x, np.arange(10), x[:2], np.arange(2))
     train_x, train_y, _, _ = load_cifar10(tmp_path, allow_small=True)
     assert tuple(train_x[3, 0, 1]) == (255, 7, 0) and train_x.sum() == 262
     np.testing.assert_array_equal(train_y, np.arange(10))
@@ -205,7 +204,7 @@ def _dump(obj: object, encoding: str) -> bytes:
     return out.getvalue()
 
 
-LABEL_FORMS = {
+LABEL_FORMS = {  # each batch file of a copy holds its labels in one of these forms
     "list": lambda y: [int(v) for v in y],
     "int64-array": lambda y: np.asarray(y, np.int64),
     "uint8-array": lambda y: np.asarray(y, np.uint8),
@@ -213,17 +212,14 @@ LABEL_FORMS = {
 }
 
 
-@pytest.mark.parametrize("labels_as", LABEL_FORMS)
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_every_pickle_protocol_and_python2_is_read_exactly(copy, encoding, labels_as):
+def test_every_pickle_protocol_and_python2_is_read_exactly(copy, encoding):
     expected = load_cifar10(copy.parent, allow_small=True)
-    for name in [*TRAIN_FILES, TEST_FILE]:
+    for name, labels_as in zip([*TRAIN_FILES, TEST_FILE], [*LABEL_FORMS.values()] * 2, strict=False):
         batch = _raw(copy / name)
-        batch[b"labels"] = LABEL_FORMS[labels_as](batch[b"labels"])
+        batch[b"labels"] = labels_as(batch[b"labels"])
         batch[b"filenames"] = [f"image_{i:06d}.png".encode() for i in range(len(batch[b"data"]))]  # as official
-        blob = _dump(batch, encoding)
-        assert (b"_codecs" in blob) == (encoding in ("python3-protocol0", "python3-protocol1", "python3-protocol2"))
-        (copy / name).write_bytes(blob)
+        (copy / name).write_bytes(_dump(batch, encoding))
     for want, got in zip(expected, load_cifar10(copy.parent, allow_small=True), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
@@ -231,39 +227,20 @@ def test_every_pickle_protocol_and_python2_is_read_exactly(copy, encoding, label
 
 # ---- everything else is refused in one line --------------------------------------------------------------------------
 
-
-def _uint8_with_a_field() -> np.dtype:
-    """A dtype that compares equal to uint8 but carries a field, as a crafted pickle state can make one."""
-    dtype = np.dtype("u1", False, True)
-    dtype.__setstate__((3, "|", None, ("a",), {"a": (np.dtype("u1"), 0)}, -1, -1, 0))
-    return dtype
-
-
 N = 60  # images in each train batch of tiny_cifar
 BAD_BATCHES = {
-    "labels-text": ({b"labels": ["6"] * N}, "label 0 is the text '6'"),
-    "labels-none": ({b"labels": [None] * N}, "label 0 is None"),
+    "labels-text": ({b"labels": ["6"] * N}, "label 0 is '6' (a str)"),
     "labels-float": ({b"labels": [3] * (N - 1) + [6.7]}, f"label {N - 1} is 6.7 (a float)"),
-    "labels-whole-float": ({b"labels": [6.0] * N}, "label 0 is 6.0 (a float)"),
     "labels-bool": ({b"labels": [True] * N}, "label 0 is True (a bool)"),
-    "labels-beyond-int64": ({b"labels": [3] * (N - 1) + [2**70]}, "outside 0..9 (e.g. an integer of 71 bits)"),
-    "labels-below-int64": ({b"labels": [-(2**64)] + [3] * (N - 1)}, "outside 0..9 (e.g. an integer of 65 bits)"),
-    "labels-nested": ({b"labels": [[3]] * N}, "label 0 is a list"),
-    "labels-float-array": ({b"labels": np.full(N, 6.7)}, "'labels' is a float64 array"),
-    "labels-bool-array": ({b"labels": np.ones(N, bool)}, "'labels' is a bool array"),
-    "labels-column-array": ({b"labels": np.zeros((N, 1), np.int64)}, "'labels' has shape (60, 1)"),
-    "labels-0d-array": ({b"labels": np.array(5)}, "'labels' has shape ()"),
-    "labels-string": ({b"labels": "0123"}, "'labels' is a str"),
-    "labels-dict": ({b"labels": {1: 2}}, "'labels' is a dict"),
-    "data-list": ({b"data": [[0] * 3072] * N}, "'data' is a list"),
-    "data-same-bytes-other-dtype": ({b"data": np.zeros((N, 1536), np.uint16)}, "dtype uint16"),
-    "data-dtype-with-a-field": ({b"data": np.zeros((N, 3072), _uint8_with_a_field())}, "refusing"),
-    "data-object-array": ({b"data": np.zeros((N, 3072), object)}, "refusing"),
-    "too-many-images": ({b"data": np.zeros((10_001, 3072), np.uint8), b"labels": [0] * 10_001}, "at most 10,000"),
-    "key-not-utf8": ({b"\xff\xfedata": 1}, "the key b'\\xff\\xfedata' is not UTF-8"),
-    "key-twice": ({"labels": [0] * N}, "the key 'labels' appears twice"),
-    "key-not-text": ({7: 1}, "a key is a int"),
-    "set-inside": ({b"filenames": {b"a.png"}}, "opcode EMPTY_SET"),
+    "labels-nested": ({b"labels": [[3]] * N}, "label 0 is [3] (a list)"),
+    "labels-beyond-int64": ({b"labels": [3] * (N - 1) + [2**70]}, "1 labels outside 0..9"),
+    "labels-float-array": ({b"labels": np.full(N, 6.7)}, "'labels' is a float64 array of shape (60,)"),
+    "labels-column-array": ({b"labels": np.zeros((N, 1), np.int64)}, "'labels' is a int64 array of shape (60, 1)"),
+    "labels-dict": ({b"labels": {1: 2}}, "'labels' is {1: 2} (a dict)"),
+    "data-list": ({b"data": [[0] * 3072] * N}, "'data' is [[0, 0"),
+    "data-same-bytes-other-dtype": ({b"data": np.zeros((N, 1536), np.uint16)}, "'data' is a uint16 array"),
+    "data-object-array": ({b"data": np.zeros((N, 3072), object)}, "'data' is a object array"),
+    "labels-none": ({b"labels": None}, "'labels' is None"),
 }
 
 
@@ -273,6 +250,13 @@ def test_a_bad_batch_is_one_clear_line(copy, case):
     _rewrite(copy / "data_batch_1", changes)
     message = _error(copy.parent)
     assert "data_batch_1" in message and expected in message and "\n" not in message
+
+
+def test_a_batch_without_labels_names_the_key(copy):
+    batch = _raw(copy / "data_batch_2")
+    del batch[b"labels"]
+    (copy / "data_batch_2").write_bytes(pickle.dumps(batch))
+    assert "data_batch_2: missing key 'labels'" in _error(copy.parent)
 
 
 class _Call:
@@ -285,146 +269,60 @@ class _Call:
         return self.func, self.args
 
 
-class _Plain:
-    pass
-
-
-_numpy_core = getattr(np, "_core", None) or np.core  # numpy 2, or numpy 1 (pyproject: numpy>=1.24; both are read)
-_reconstruct = _numpy_core.multiarray._reconstruct
-_frombuffer = _numpy_core.numeric._frombuffer
-MALICIOUS = {
-    "os.system": _Call(os.system, "echo pwned"),
-    "eval": _Call(eval, "__import__('os').system('echo pwned')"),
-    "getattr": _Call(getattr, 1, "__class__"),
-    "numpy-load": _Call(np.load, "/etc/passwd"),
-    "numpy-frombuffer": _Call(np.frombuffer, b"\x00" * 8),
-    "codecs-decode": _Call(codecs.decode, b"x\x9c\x03\x00\x00\x00\x00\x01", "zlib"),
-    "codecs-encode-other-codec": _Call(codecs.encode, "abc", "rot13"),
-    "bytes-of-a-size": _Call(bytes, 10**9),
-    "plain-object": _Plain(),
-    "reconstruct-huge": _Call(_reconstruct, np.ndarray, (2**50,), b"b"),
-    "reconstruct-other-type": _Call(_reconstruct, np.ma.MaskedArray, (0,), b"b"),
-    "frombuffer-object-dtype": _Call(_frombuffer, b"\x00" * 8, np.dtype(object), (1,), "C"),
+_reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+MALICIOUS = {  # each would run code or build an object of the file's choosing under a plain pickle.load
+    "os.system": (_Call(os.system, "echo pwned"), ".system"),
+    "eval": (_Call(eval, "__import__('os').system('echo pwned')"), ".eval"),
+    "numpy-load": (_Call(np.load, "/etc/passwd"), "numpy.load"),
+    "other-array-type": (_Call(_reconstruct, np.ma.MaskedArray, (0,), b"b"), "MaskedArray"),
 }
 
 
-@pytest.mark.parametrize("protocol", [0, 2, 4])
+@pytest.mark.parametrize("encoding", ["python3-protocol0", "python3-protocol4", "python2-protocol2"])
 @pytest.mark.parametrize("case", MALICIOUS)
-def test_pickles_that_run_code_are_refused(copy, case, protocol):
-    (copy / "data_batch_1").write_bytes(pickle.dumps({b"data": MALICIOUS[case], b"labels": []}, protocol=protocol))
+def test_a_pickle_that_would_run_code_is_refused(copy, case, encoding, capfd):
+    payload, expected = MALICIOUS[case]
+    (copy / "data_batch_1").write_bytes(_dump({b"data": payload, b"labels": []}, encoding))
     message = _error(copy.parent)
-    assert "data_batch_1" in message and "refusing" in message and "\n" not in message
+    assert "data_batch_1: refusing to load it: it calls " in message and expected in message and "\n" not in message
+    assert "pwned" not in capfd.readouterr().out
 
 
 def test_class_instantiating_opcodes_are_refused(copy):
-    (copy / "test_batch").write_bytes(
-        b"(S'echo pwned'\nios\nsystem\n."
-    )  # INST: how protocol 0 builds old-style classes
-    assert "opcode INST" in _error(copy.parent)
+    (copy / "test_batch").write_bytes(b"(S'echo pwned'\nios\nsystem\n.")  # INST: protocol 0's old-style classes
+    assert "refusing to load it: it calls os.system" in _error(copy.parent)
 
 
-# ---- bounded time and memory -----------------------------------------------------------------------------------------
-
-_READER = """
-import importlib.util, os, resource, sys
-spec = importlib.util.spec_from_file_location("cifar_data", sys.argv[1])
-data = sys.modules["cifar_data"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(data)
-extra = int(sys.argv[3])
-if extra:  # address space: what the interpreter and numpy already take, plus `extra` bytes
-    with open("/proc/self/status") as f:
-        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    resource.setrlimit(resource.RLIMIT_AS, (used + extra, used + extra))
-try:
-    data.load_cifar10(sys.argv[2], allow_small=True)
-except data.DataError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-print("read")
-"""
-
-
-def _read_in_subprocess(root: Path, memory: int = 0, prefix: list[str] = ()) -> subprocess.CompletedProcess:
-    """load_cifar10 in a fresh interpreter that loads only pipeline/data.py (numpy, no torch), given `memory` bytes
-    of address space beyond what it has after its imports (0: no limit), within 60 s."""
-    reader = [sys.executable, "-c", _READER, str(ROOT / "pipeline" / "data.py"), str(root), str(memory)]
-    return subprocess.run([*prefix, *reader], capture_output=True, text=True, timeout=60)
-
-
-def _one_line_refusal(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    (line,) = result.stderr.strip().splitlines()
-    return line
-
-
-class _SharedState:
-    """An array rebuilt from a state object the pickle stores once and refers to for every copy."""
-
-    args = (np.ndarray, (0,), b"b")
-
-    def __init__(self, state: tuple) -> None:
-        self.state = state
-
-    def __reduce__(self) -> tuple:
-        return _reconstruct, self.args, self.state
-
-
-def _labels_of_shared_nested_lists() -> list:
-    inner = [[0] * 1000] * 1000  # one million references, stored once
-    return [[inner] * 100] * N  # numpy would expand this into 6e9 int64 (48 GB)
-
-
-def _arrays_from_one_payload() -> list:
-    state = (1, (4 * 2**20,), np.dtype("u1"), False, b"\x00" * (4 * 2**20))  # 4 MB, stored once
-    return [_SharedState(state) for _ in range(2000)]  # 8 GB when each copy is built
-
-
-def _texts_from_one_payload() -> list:
-    text = "x" * 2**22  # 4 MB, stored once
-    return [_Call(codecs.encode, text, "latin1") for _ in range(2000)]  # decoded 2000 times: 8 GB
-
-
-MEMORY_BOMBS = {  # small files whose naive reading takes many GB
-    "shared-nested-labels": (lambda: {b"labels": _labels_of_shared_nested_lists()}, "label 0 is a list"),
-    "arrays-from-one-payload": (lambda: {b"filenames": _arrays_from_one_payload()}, "refusing"),
-    "text-from-one-payload": (lambda: {b"filenames": _texts_from_one_payload()}, "refusing"),
-}
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space from /proc")
-@pytest.mark.parametrize("case", MEMORY_BOMBS)
-def test_files_built_to_exhaust_memory_are_refused_within_bounds(copy, case):
-    changes, expected = MEMORY_BOMBS[case]
-    _rewrite(copy / "data_batch_3", changes())
-    assert (copy / "data_batch_3").stat().st_size < 5 * 2**20  # a few MB at most on disk
-    line = _one_line_refusal(_read_in_subprocess(copy.parent, memory=2**30))
-    assert "data_batch_3" in line and expected in line
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the address space from /proc")
-def test_a_file_of_many_small_objects_is_refused_within_bounds(copy):
-    (copy / "data_batch_2").write_bytes(b"\x80\x04(" + b"}" * 30_000_000 + b"l.")  # 30 million dicts: 2.4 GB
-    line = _one_line_refusal(_read_in_subprocess(copy.parent, memory=2**30))
-    assert "data_batch_2" in line and "more than 324,096 pickle operations" in line
-
-
-def test_a_file_larger_than_any_batch_is_refused_unread(copy):
-    with open(copy / "test_batch", "r+b") as f:
+def test_a_file_larger_than_any_batch_is_refused_unread(copy, monkeypatch):
+    with open(copy / "data_batch_1", "r+b") as f:  # the first file read
         f.truncate(pipeline.data.MAX_FILE_BYTES + 1)  # sparse: takes no disk space
-    assert "larger than 215,433,216 bytes" in _error(copy.parent)
+    monkeypatch.setattr(pipeline.data, "open", lambda *a, **k: pytest.fail("opened"), raising=False)
+    assert f"data_batch_1: larger than {pipeline.data.MAX_FILE_BYTES:,} bytes" in _error(copy.parent)
 
 
-@pytest.mark.parametrize("kind", ["folder", "fifo"])
-def test_a_batch_that_is_not_a_regular_file(copy, kind):
+def test_a_batch_that_is_a_folder(copy):
     (copy / "data_batch_4").unlink()
-    if kind == "folder":
-        (copy / "data_batch_4").mkdir()
-    else:
-        os.mkfifo(copy / "data_batch_4")  # opening it would wait for a writer forever
-    assert "data_batch_4: not a regular file" in _error(copy.parent)
+    (copy / "data_batch_4").mkdir()
+    assert "data_batch_4: Is a directory" in _error(copy.parent)
 
 
 # ---- permissions -----------------------------------------------------------------------------------------------------
+
+
+_READER = """
+import sys
+from pipeline.data import DataError, load_cifar10
+try:
+    load_cifar10(sys.argv[1], allow_small=True)
+except DataError as err:
+    sys.exit(f"error: {err}")
+"""
+
+
+def _read_in_subprocess(root: Path, prefix: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", _READER, str(root)], capture_output=True, text=True, timeout=120
+    )
 
 
 def _without_root_privilege() -> list[str]:
@@ -439,16 +337,16 @@ def _without_root_privilege() -> list[str]:
 
 
 @pytest.mark.parametrize("locked", ["data_batch_2", FOLDER, "data-dir"])
-def test_permission_denied_says_so(copy, locked):
+def test_permission_denied_says_so(copy, locked, refused):
     """Real permissions: a file without read permission, a folder without read and search permission."""
     prefix = _without_root_privilege()
     target = {"data-dir": copy.parent, FOLDER: copy}.get(locked, copy / locked)
     target.chmod(0o000)
     try:
-        result = _read_in_subprocess(copy.parent, prefix=prefix)
+        result = _read_in_subprocess(copy.parent, prefix)
     finally:
         target.chmod(0o755)
-    line = _one_line_refusal(result)
+    line = refused(result, exit_code=1)
     assert line.startswith(f"error: {target}") and "permission denied" in line and "chmod" in line  # the path named
     assert "corrupt" not in line
 

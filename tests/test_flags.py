@@ -108,40 +108,6 @@ def test_host_ops_refuses_impossible_flags(argv, capsys):
     assert argv[0] in refused(main, argv, capsys)
 
 
-GALLERY = [
-    ["--images", "0"],
-    ["--images", "-1"],
-    ["--draws", "0"],
-    ["--seed", "-1"],
-    ["--images", "two"],
-    ["--images", "100000"],  # rows past matplotlib's 2**16 px per side: refused before any draw
-    ["--draws", "100000"],
-    ["--out", ""],
-]
-
-
-@pytest.mark.parametrize("argv", GALLERY, ids=" ".join)
-def test_gallery_refuses_impossible_flags(argv, capsys, tiny_cifar):
-    from pipeline.gallery import main
-
-    assert argv[0] in refused(main, [*argv, "--data-dir", tiny_cifar, "--allow-small-data"], capsys)
-
-
-def test_gallery_refuses_an_out_it_cannot_write(tmp_path, a_file, capsys, tiny_cifar):
-    from pipeline.gallery import main
-
-    data = ["--data-dir", tiny_cifar, "--allow-small-data"]
-    assert "is a folder" in refused(main, [*data, "--out", str(tmp_path)], capsys)
-    assert "is a file" in refused(main, [*data, "--out", str(a_file / "gallery.png")], capsys)
-
-
-@pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
-def test_gallery_refuses_cuda_without_a_gpu(capsys, tiny_cifar):
-    from pipeline.gallery import main
-
-    assert "no CUDA GPU" in refused(main, ["--device", "cuda", "--data-dir", tiny_cifar, "--allow-small-data"], capsys)
-
-
 def test_train_uses_the_shared_one_line_parser(capsys):
     """python -m train already refused bad flags in one line; it now does so through the same parser class."""
     from pipeline.cli import OneLineParser
@@ -273,16 +239,6 @@ def test_bench_says_in_one_line_what_it_kept_when_the_disk_fills_up(tmp_path, mo
 
     assert len(json.loads(report.read_text())["results"]) == 1  # the row before the disk filled up, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == [report.name]  # no temporaries left behind
-
-
-def test_gallery_refuses_an_out_it_cannot_write_before_drawing(read_only, monkeypatch, capsys, tiny_cifar):
-    import pipeline.gallery
-    from pipeline.gallery import main
-
-    monkeypatch.setattr(pipeline.gallery, "make_loader", _never)
-    argv = ["--data-dir", tiny_cifar, "--allow-small-data", "--device", "cpu", "--out", str(read_only / "g.png")]
-    line = refused(main, argv, capsys)
-    assert "--out" in line and "Read-only file system" in line, line
 
 
 def test_write_whole_leaves_the_old_file_or_the_new_one(tmp_path):
