@@ -7,7 +7,6 @@ alone and always applied, in both loaders. Both are built from one AugSpec, so e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 
 from pipeline import AugSpec, Order, check_seed, make_loader
-from pipeline.augs import UNITS, Aug
 from pipeline.cli import OneLineParser, given_path, one_line_errors, output_file, positive_int, writable_folder
 from pipeline.data import CLASSES, download, load_cifar10, resolve_root
 from pipeline.errors import ConfigError, OutputError
@@ -31,7 +29,7 @@ TITLE_ROWS = 0.4  # the column titles' band above the grid, in cells
 
 def grid_columns(draws: int) -> int:
     """Cells per row of the grid `main` draws: the raw image, `draws` of each loader, each unit alone in both."""
-    return 1 + 2 * draws + 2 * len(UNITS)
+    return 1 + 2 * draws + 2 * len(AugSpec().units)
 
 
 def grid_fits(rows: int, draws: int) -> None:
@@ -61,12 +59,6 @@ def draws(kind: str, images: np.ndarray, spec: AugSpec, n_draws: int, seed: int,
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     pixels = ((x.cpu() * std + mean) * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return pixels.reshape(n_draws, len(images), *images.shape[1:])
-
-
-def alone(spec: AugSpec, unit: Aug) -> AugSpec:
-    """`unit` alone, always applied, with the rest of its settings from `spec`; every other unit off."""
-    own = {f.name: getattr(spec, f.name) for f in unit.fields}
-    return dataclasses.replace(AugSpec.none(), **{**own, **unit.shown(spec)})
 
 
 def render(images: np.ndarray, labels: np.ndarray, columns: list[tuple[str, np.ndarray]], path: Path) -> None:
@@ -125,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     dali_label = "DALI GPU" if device == "cuda" else "DALI (CPU mode)"
     columns = [("albumentations", d) for d in draws("cpu", images, spec, args.draws, args.seed, device)]
     columns += [(dali_label, d) for d in draws("dali", images, spec, args.draws, args.seed, device)]
-    for unit in UNITS:
-        only = alone(spec, unit)
+    for unit in spec.units:
+        only = spec.alone(unit.name)
         columns.append((f"{unit.name}: albu", draws("cpu", images, only, 1, args.seed, device)[0]))
         columns.append((f"{unit.name}: DALI", draws("dali", images, only, 1, args.seed, device)[0]))
     assert 1 + len(columns) == grid_columns(args.draws)  # what grid_fits checked is what is drawn

@@ -86,14 +86,12 @@ def rank_stderr(log_dir: Path) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def odd_cifar(tmp_path_factory) -> str:
+def odd_cifar(tmp_path_factory, cifar_writer) -> str:
     from conftest import smooth_images
-
-    from pipeline.data import write_cifar10
 
     root = tmp_path_factory.mktemp("odd")
     rng = np.random.default_rng(0)
-    write_cifar10(
+    cifar_writer(
         root,
         smooth_images(N_TRAIN, seed=1),
         rng.integers(0, 10, N_TRAIN),
