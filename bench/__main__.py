@@ -38,7 +38,7 @@ from pipeline.cli import (
     writable_folder,
 )
 from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
-from pipeline.errors import ConfigError, OutputError, UserError
+from pipeline.errors import ConfigError, OutputError
 from pipeline.files import os_reason, write_whole
 
 # A folder in the current directory, not the package's bench/results/ (only the committed reports live there).
@@ -100,24 +100,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sizes_fit(args: argparse.Namespace) -> None:
-    """ConfigError if loader or epoch rows would time a batch larger than the epoch, or the images cannot fit in
-    memory (uint8, 3,072 bytes each). Model rows step on one batch of their own: any batch size fits them."""
+def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> None:
+    """ConfigError (one line) for flags this machine cannot honour, before anything is measured: a batch larger than
+    the epoch of loader or epoch rows (model rows step on a batch of their own), images beyond memory (3,072 bytes
+    each), a loader or step this machine lacks, an --out it cannot write."""
+    loaders = args.loaders or []
     if max(args.batch_sizes) > args.images and {"loader", "epoch"} & set(args.what):
         fix = "lower --batch-sizes or leave out --quick" if args.quick else "raise --images or lower --batch-sizes"
         raise ConfigError(
             f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}"
             f"{' (set by --quick)' if args.quick else ''}: an epoch would be one smaller batch; {fix}"
         )
-    try:
-        check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def device_slug(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
+    if args.device == "cuda" and device.type != "cuda":
+        raise ConfigError("--device cuda: no CUDA GPU is visible")
+    if "dali-gpu" in loaders and device.type != "cuda":
+        raise ConfigError("dali-gpu needs a CUDA GPU; leave it out of --loaders, or run where a GPU is visible")
+    if not dali and any(name.startswith("dali") for name in loaders):
+        raise ConfigError(
+            "DALI is not installed (import nvidia.dali failed): install nvidia-dali-cuda130 or leave dali-* out"
+        )
+    if "kornia" in loaders and not peer_available("kornia"):
+        raise ConfigError("--loaders kornia needs kornia: pip install -e '.[bench]' (or leave kornia out of --loaders)")
+    if device.type != "cuda" and "graph" in (args.steps or []):
+        raise ConfigError("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
+    writable_folder(args.out, "--out")  # or it would fail after the first row
 
 
 def default_loaders(device: torch.device, dali: bool) -> list[str]:
@@ -128,29 +135,10 @@ def default_loaders(device: torch.device, dali: bool) -> list[str]:
     return [name for name in LOADERS if usable[name]]
 
 
-def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> None:
-    """ConfigError (one line) for flags this machine cannot honour, before anything is measured."""
-    if args.device == "cuda" and device.type != "cuda":
-        raise ConfigError("--device cuda: no CUDA GPU is visible")
-    if "dali-gpu" in (args.loaders or []) and device.type != "cuda":
-        raise ConfigError("dali-gpu needs a CUDA GPU; leave it out of --loaders, or run where a GPU is visible")
-    if not dali and any(name.startswith("dali") for name in args.loaders or []):
-        raise ConfigError(
-            "DALI is not installed (import nvidia.dali failed); install nvidia-dali-cuda130 or leave dali-* out"
-        )
-    if "kornia" in (args.loaders or []) and not peer_available("kornia"):
-        raise ConfigError("--loaders kornia needs kornia: pip install -e '.[bench]' (or leave kornia out of --loaders)")
-    if device.type != "cuda" and "graph" in (args.steps or []):
-        raise ConfigError("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
-    try:  # a folder it cannot write would otherwise fail after the first row
-        writable_folder(args.out, "--out")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def plan(args, device: torch.device, loaders: list[str], workers: list[int], images, labels) -> list[tuple]:
-    """The rows in the order measured: (guessed seconds, the function that measures it)."""
+def plan(args, device: torch.device, loaders: list[str], images: np.ndarray, labels: np.ndarray) -> list[tuple]:
+    """The rows in the order measured: (a guess of its seconds, the function that measures it)."""
     cores, steps = usable_cores(), args.steps or (["eager", "graph"] if device.type == "cuda" else ["eager"])
+    workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
     timing = dict(repeats=args.repeats, warmup=args.warmup)
     rows: list[tuple[str, int, Callable[[], Result]]] = []  # (what, images it goes through, measure)
     for bs in args.batch_sizes:
@@ -166,8 +154,7 @@ def plan(args, device: torch.device, loaders: list[str], workers: list[int], ima
                 w = None if name in (None, *PEERS) else cores
                 measure = partial(bench_epoch, name, args.model, images, labels, bs, w, device, graphed=kind == "graph")
                 rows.append(("epoch", args.repeats * args.images + args.warmup * bs, partial(measure, **timing)))
-    rate = GUESS_RATE[device.type]
-    scale = cores if device.type == "cpu" else 1
+    rate, scale = GUESS_RATE[device.type], cores if device.type == "cpu" else 1
     return [(work / (rate[what] * scale), measure) for what, work, measure in rows]
 
 
@@ -185,23 +172,25 @@ def _line(row: dict, left: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    dali_version = _dali_version()
     try:
-        sizes_fit(args)
+        import nvidia.dali
+
+        dali_version = nvidia.dali.__version__
+    except ImportError:
+        dali_version = None
+    try:
         check_flags(args, device, dali_version is not None)
-    except UserError as err:
+    except ValueError as err:  # ConfigError, and pipeline.cli's checks
         say_error(str(err))
-        return err.exit_code
+        return 2
     loaders = args.loaders or default_loaders(device, dali_version is not None)
-    cores = usable_cores()
-    workers = args.workers or sorted({cores, max(cores // 2, 1), max(cores // 4, 1)}, reverse=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, *IMAGE_SHAPE, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.images).astype(np.int64)
-    rows = plan(args, device, loaders, workers, images, labels)
-
+    rows = plan(args, device, loaders, images, rng.integers(0, 10, args.images).astype(np.int64))
     results: list[dict] = []
-    stem = f"{device_slug(device)}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else "")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}core"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    stem = args.out / (f"{slug}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else ""))
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -218,36 +207,34 @@ def main(argv: list[str] | None = None) -> int:
     guess = sum(seconds for seconds, _ in rows)
     if args.quick:
         print("SMOKE RUN (--quick): a few batches each, not a measurement")
-    if not args.loaders and not peer_available("kornia"):
+    if not args.loaders and not peer_available("kornia") and {"loader", "epoch"} & set(args.what):
         print("kornia: not installed, left out (pip install -e '.[bench]' to measure it)")
     if "dali-cpu" in loaders and {"loader", "epoch"} & set(args.what):
         print("dali-cpu: DALI's CPU operators (expect CPU-loader speeds, not GPU ones)")
+    about = f"{guess / 60:.0f} min" if guess >= 90 else f"{guess:.0f} s"
+    print(f"{len(rows)} rows, {args.images:,} images an epoch: about {about} in all (a guess; 'left s' corrects it)")
     print(
-        f"{len(rows)} rows on {report['device']}, {args.images:,} images an epoch; about {guess:,.0f} s in all "
-        f"(a guess for {cores} core(s); 'left s' corrects it as rows finish)"
+        f"img/s: the median of {args.repeats} repeat(s); spread %: (fastest - slowest) / median\n{HEADER}", flush=True
     )
-    print(f"spread %: (fastest - slowest) / median repeat, of {args.repeats} repeat(s); img/s: the median repeat's")
-    print(HEADER, flush=True)
-    start, guessed = time.perf_counter(), 0.0
+    start, done = time.perf_counter(), 0.0
     try:
         for seconds, measure in rows:
-            row = measure().row()
-            results.append(row)
+            results.append(measure().row())
             # after every row, whole or not at all: a stopped run keeps the rows measured so far
-            save(args.out / f"{stem}.json", lambda f: f.write(json.dumps(report, indent=2).encode()), len(results) - 1)
-            guessed += seconds
-            print(_line(row, (time.perf_counter() - start) / guessed * (guess - guessed)), flush=True)
+            save(stem.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()), len(results) - 1)
+            done += seconds
+            print(_line(results[-1], (time.perf_counter() - start) / done * (guess - done)), flush=True)
         from bench.plot import plot_report
 
-        save(args.out / f"{stem}.png", lambda f: plot_report(report, f), len(results))
-    except UserError as err:
+        save(stem.with_suffix(".png"), lambda f: plot_report(report, f), len(results))
+    except OutputError as err:
         say_error(str(err))
         return err.exit_code
     except KeyboardInterrupt:
-        held = f"{args.out / stem}.json holds them" if results else "nothing was written"
-        print(f"stopped (Ctrl-C) after {len(results)} of {len(rows)} rows; {held}", file=sys.stderr)
+        kept = f"{stem}.json holds the {len(results)} measured" if results else "nothing was written"
+        print(f"stopped (Ctrl-C) after {len(results)} of {len(rows)} rows; {kept}", file=sys.stderr)
         return 130
-    print(f"wrote {args.out / stem}.json and .png" + (" (smoke run)" if args.quick else ""))
+    print(f"wrote {stem}.json and .png" + (" (smoke run)" if args.quick else ""))
     return 0
 
 
@@ -261,14 +248,6 @@ def save(path: Path, write: Callable[[BinaryIO], object], kept: int) -> None:
         raise OutputError(
             f"could not write {path} ({os_reason(err)}); {held}; free space or choose another --out"
         ) from None
-
-
-def _dali_version() -> str | None:
-    try:
-        import nvidia.dali as dali
-    except ImportError:
-        return None
-    return dali.__version__
 
 
 if __name__ == "__main__":

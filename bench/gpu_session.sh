@@ -27,11 +27,11 @@ LIMITS=(smoke:45 train:60 gpu-tests:75 epochs:80 fast-seeds:90 loaders:60 host-o
 ALL=" ${LIMITS[*]%%:*} "
 PHASES=" ${PHASES:-${ALL:1}} "
 if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET > 540 || BUDGET < 60)); then
-  echo "error: BUDGET=$BUDGET: give whole seconds from 60 to 540 (a command runs at most 600 s; ~60 s go to the return)"
+  echo "error: BUDGET=$BUDGET: give whole seconds from 60 to 540 (a command runs at most 600 s; ~60 s go to the return)" >&2
   exit 2
 fi
 for p in $PHASES; do
-  [[ $ALL == *" $p "* ]] || { echo "error: PHASES: no phase '$p'; the phases are:$ALL"; exit 2; }
+  [[ $ALL == *" $p "* ]] || { echo "error: PHASES: no phase '$p'; the phases are:$ALL" >&2; exit 2; }
 done
 
 if [ "$QUICK" = 1 ]; then  # toy sizes on the CPU
