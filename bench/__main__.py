@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,9 +37,10 @@ from pipeline.cli import (
     writable_folder,
 )
 from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
-from pipeline.errors import ConfigError, OutputError
+from pipeline.errors import ConfigError
 from pipeline.files import os_reason, write_whole
 
+WHATS = ("loader", "model", "epoch")
 # A folder in the current directory, not the package's bench/results/ (only the committed reports live there).
 DEFAULT_OUT = Path("bench-results")
 # --quick: every kind of row on a few batches, a smoke test of the benchmark (seconds long), not a measurement.
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         help="cpu loader worker counts, 0 = the main process (default: all usable cores, half, a quarter)",
     )
-    p.add_argument("--what", nargs="+", default=["loader", "model", "epoch"], choices=["loader", "model", "epoch"])
+    p.add_argument("--what", nargs="+", default=list(WHATS), choices=WHATS, help="kinds of row")
     p.add_argument("--model", default="seed", choices=models.model_names(), help="network of model and epoch rows")
     p.add_argument(
         "--steps",
@@ -104,7 +104,6 @@ def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> N
     """ConfigError (one line) for flags this machine cannot honour, before anything is measured: a batch larger than
     the epoch of loader or epoch rows (model rows step on a batch of their own), images beyond memory (3,072 bytes
     each), a loader or step this machine lacks, an --out it cannot write."""
-    loaders = args.loaders or []
     if max(args.batch_sizes) > args.images and {"loader", "epoch"} & set(args.what):
         fix = "lower --batch-sizes or leave out --quick" if args.quick else "raise --images or lower --batch-sizes"
         raise ConfigError(
@@ -114,14 +113,12 @@ def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> N
     check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
     if args.device == "cuda" and device.type != "cuda":
         raise ConfigError("--device cuda: no CUDA GPU is visible")
-    if "dali-gpu" in loaders and device.type != "cuda":
-        raise ConfigError("dali-gpu needs a CUDA GPU; leave it out of --loaders, or run where a GPU is visible")
-    if not dali and any(name.startswith("dali") for name in loaders):
+    missing = [name for name in args.loaders or [] if name not in default_loaders(device, dali)]
+    if missing:
         raise ConfigError(
-            "DALI is not installed (import nvidia.dali failed): install nvidia-dali-cuda130 or leave dali-* out"
+            f"--loaders {' '.join(missing)}: cannot run here (dali-gpu needs a CUDA GPU and DALI, dali-cpu needs DALI: "
+            "pip install nvidia-dali-cuda130; kornia: pip install -e '.[bench]'); leave them out"
         )
-    if "kornia" in loaders and not peer_available("kornia"):
-        raise ConfigError("--loaders kornia needs kornia: pip install -e '.[bench]' (or leave kornia out of --loaders)")
     if device.type != "cuda" and "graph" in (args.steps or []):
         raise ConfigError("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
     writable_folder(args.out, "--out")  # or it would fail after the first row
@@ -172,12 +169,7 @@ def _line(row: dict, left: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    try:
-        import nvidia.dali
-
-        dali_version = nvidia.dali.__version__
-    except ImportError:
-        dali_version = None
+    dali_version = _dali_version()
     try:
         check_flags(args, device, dali_version is not None)
     except ValueError as err:  # ConfigError, and pipeline.cli's checks
@@ -192,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     stem = args.out / (f"{slug}-{datetime.date.today():%Y%m%d}" + ("-quick" if args.quick else ""))
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": name if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "dali": dali_version,
         "cpu_count": os.cpu_count(),
@@ -216,38 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"img/s: the median of {args.repeats} repeat(s); spread %: (fastest - slowest) / median\n{HEADER}", flush=True
     )
-    start, done = time.perf_counter(), 0.0
+    start, done, saved = time.perf_counter(), 0.0, 0
     try:
         for seconds, measure in rows:
             results.append(measure().row())
             # after every row, whole or not at all: a stopped run keeps the rows measured so far
-            save(stem.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()), len(results) - 1)
-            done += seconds
+            write_whole(stem.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2).encode()))
+            saved, done = len(results), done + seconds
             print(_line(results[-1], (time.perf_counter() - start) / done * (guess - done)), flush=True)
         from bench.plot import plot_report
 
-        save(stem.with_suffix(".png"), lambda f: plot_report(report, f), len(results))
-    except OutputError as err:
-        say_error(str(err))
-        return err.exit_code
+        write_whole(stem.with_suffix(".png"), lambda f: plot_report(report, f))
+    except OSError as err:  # the disk filled up or went read-only during the run
+        held = f"{stem}.json holds the {saved} row(s) measured before" if saved else "no row was saved"
+        say_error(f"could not write into {args.out} ({os_reason(err)}); {held}; free space or choose another --out")
+        return 2
     except KeyboardInterrupt:
-        kept = f"{stem}.json holds the {len(results)} measured" if results else "nothing was written"
+        kept = f"{stem}.json holds the {saved} measured" if saved else "nothing was written"
         print(f"stopped (Ctrl-C) after {len(results)} of {len(rows)} rows; {kept}", file=sys.stderr)
         return 130
     print(f"wrote {stem}.json and .png" + (" (smoke run)" if args.quick else ""))
     return 0
 
 
-def save(path: Path, write: Callable[[BinaryIO], object], kept: int) -> None:
-    """`path` written whole or not at all; OutputError, saying that the JSON beside it holds `kept` rows, if the
-    system refuses."""
+def _dali_version() -> str | None:
     try:
-        write_whole(path, write)
-    except OSError as err:
-        held = f"{path.with_suffix('.json')} holds the {kept} row(s) measured before" if kept else "no row was saved"
-        raise OutputError(
-            f"could not write {path} ({os_reason(err)}); {held}; free space or choose another --out"
-        ) from None
+        import nvidia.dali
+    except ImportError:
+        return None
+    return nvidia.dali.__version__
 
 
 if __name__ == "__main__":

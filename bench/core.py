@@ -6,12 +6,12 @@ Every timed region follows a warm-up and ends with a device sync; it is repeated
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,35 +30,27 @@ MODEL_ONLY = "model-only"  # a row's loader for the model step alone and the epo
 WARMUP_BATCHES = 5
 
 
-@dataclass
+@dataclasses.dataclass
 class Result:
     what: str  # "loader" | "model" | "epoch"
     loader: str  # one of LOADERS, or MODEL_ONLY
     batch_size: int
     workers: int | None  # CPU loader: worker processes; DALI: threads; None where there are none
     images: int  # images per timed repeat
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
     step: str | None = None  # "eager" | "graph" (train/step.py) for model and epoch rows; None for loaders alone
     warmup_s: float | None = None  # model rows: the untimed warm-up with the graph's capture, seconds
 
     def row(self) -> dict:
-        """The JSON row: img_per_s is the median repeat's; img_per_s_min and _max the slowest and fastest."""
-        rates = [self.images / s for s in self.seconds]
-        median = statistics.median(self.seconds)
+        """The JSON row: these fields, img_per_s of the median repeat, _min and _max of the slowest and fastest."""
+        rates, median = [self.images / s for s in self.seconds], statistics.median(self.seconds)
         return {
-            "what": self.what,
-            "loader": self.loader,
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "images": self.images,
+            **dataclasses.asdict(self),
             "img_per_s": self.images / median,
             "img_per_s_min": min(rates),
             "img_per_s_max": max(rates),
             "epoch_s": median if self.what == "epoch" else None,
-            "seconds": self.seconds,
             "repeats": len(self.seconds),
-            "step": self.step,
-            "warmup_s": self.warmup_s,
         }
 
 

@@ -57,15 +57,9 @@ class _CountingPipe:
         self._wrapped, self._calls = pipe, calls
 
     def __getattr__(self, name: str):
-        attr = getattr(self._wrapped, name)
-        if name not in DALI_CALLS:
-            return attr
-
-        def counted(*args, **kwargs):
-            self._calls[name] += 1
-            return attr(*args, **kwargs)
-
-        return counted
+        if name in DALI_CALLS:
+            self._calls[name] += 1  # (every call looks its method up first)
+        return getattr(self._wrapped, name)
 
 
 def _launches(event) -> bool:
@@ -115,15 +109,13 @@ def host_work(loader, warmup_epochs: int = 1) -> HostWork:
 
 def report(work: HostWork) -> list[str]:
     """The table: per kind of batch, how many, and per batch the mean torch operations, DALI calls and host ms."""
-    n = len(work.ops)
+    n, every = len(work.ops), work.chunk_batches
     groups = {"whole epoch": list(range(n))}
-    if work.chunk_batches > 1:
-        groups = {
-            "between chunk boundaries": [i for i in range(n) if i % work.chunk_batches],
-            "later chunk boundaries": [i for i in range(1, n) if i % work.chunk_batches == 0],
-            "epoch start (first batch)": [0],
-            **groups,
-        }
+    if every > 1:
+        groups["between chunk boundaries"] = [i for i in range(n) if i % every]
+        groups["later chunk boundaries"] = [i for i in range(1, n) if i % every == 0]
+        groups["epoch start (first batch)"] = [0]
+        groups["whole epoch"] = groups.pop("whole epoch")  # last
     lines = [f"{'batches':33s} {'count':>5s} {'torch ops':>9s} {'DALI calls':>10s} {'host ms':>9s}  (means per batch)"]
     for name, batches in groups.items():
         if batches:
@@ -164,14 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = 0 if args.loader == "cpu" else None
     loader = make_loader(args.loader, images, labels, args.batch_size, device=device, workers=workers)
     work = host_work(loader)
-    print(
-        f"{args.loader} loader on {device}, batch {args.batch_size}, {args.images:,} images: {len(work.ops)} batches"
-        + (
-            f" in {work.chunks} chunk(s) (DALI iterations) of up to {work.chunk_batches}"
-            if work.chunk_batches > 1
-            else ""
-        )
-    )
+    chunks = f" in {work.chunks} chunk(s) (DALI iterations) of up to {work.chunk_batches}" * (work.chunk_batches > 1)
+    print(f"{args.loader} loader on {device}, batch {args.batch_size}, {args.images:,} images: ", end="")
+    print(f"{len(work.ops)} batches{chunks}")
     print(*report(work), sep="\n")
     return 0
 
