@@ -7,6 +7,7 @@ the end. The committed reports in bench/results/ are written there by bench/gpu_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -24,18 +25,7 @@ import torch
 import model as models
 from bench.core import LOADERS, WARMUP_BATCHES, Result, bench_epoch, bench_loader, bench_model
 from bench.peers import PEERS, peer_available
-from pipeline import usable_cores
-from pipeline.cli import (
-    DefaultsHelpFormatter,
-    OneLineParser,
-    check_fits_in_memory,
-    one_line_on_out_of_memory,
-    output_dir,
-    positive_int,
-    say_error,
-    worker_count,
-    writable_folder,
-)
+from pipeline import cli, usable_cores
 from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
 from pipeline.errors import ConfigError
 from pipeline.files import os_reason, write_whole
@@ -47,51 +37,34 @@ DEFAULT_OUT = Path("bench-results")
 QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "model_steps": 2, "warmup": 1}
 # A first guess of the whole run's length, before anything is measured (each row's line then corrects it from the
 # rows measured so far): images per second per CPU core on a CPU, images per second on a GPU, for each kind of row.
-GUESS_RATE = {
-    "cpu": {"loader": 4_000, "model": 250, "epoch": 250},
-    "cuda": {"loader": 50_000, "model": 1e5, "epoch": 4e4},
-}
+GUESS_RATE = {"cpu": {"loader": 4e3, "model": 250, "epoch": 250}, "cuda": {"loader": 5e4, "model": 1e5, "epoch": 4e4}}
 HEADER = f"{'what':6s} {'loader':10s} {'batch':>5s} {'workers':>7s} {'step':5s} {'img/s':>11s} {'spread %':>8s} "
 HEADER += f"{'epoch s':>8s} {'left s':>7s}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(
+    p = cli.OneLineParser(
         prog="python -m bench",
-        description="Measure each loader alone, the model's training step alone, and a training epoch fed by each "
-        "loader, at several batch sizes, on synthetic images. Loaders: cpu = albumentations + DataLoader; dali-gpu = "
-        "the DALI graph on CUDA; dali-cpu = DALI's CPU operators; kornia = kornia.augmentation on the device (the "
-        "[bench] extra); torch = the same augmentations in plain torch (affine_grid + grid_sample).",
-        formatter_class=DefaultsHelpFormatter,
+        description="Images per second of each loader alone, the training step alone and a training epoch fed by each "
+        "loader, on synthetic images. Loaders: cpu = albumentations; dali-gpu, dali-cpu = DALI's GPU graph, its CPU "
+        "mode; kornia = kornia.augmentation on the device ([bench] extra); torch = the same in plain torch.",
+        formatter_class=cli.DefaultsHelpFormatter,
     )
-    p.add_argument("--batch-sizes", type=positive_int, nargs="+", help="batch sizes (default 128 512 2048)")
+    p.add_argument("--batch-sizes", type=cli.positive_int, nargs="+", help="batch sizes (default 128 512 2048)")
     p.add_argument("--loaders", nargs="+", choices=LOADERS, help="loaders (default: all that this machine can run)")
     p.add_argument(
-        "--workers",
-        type=worker_count,
-        nargs="+",
-        help="cpu loader worker counts, 0 = the main process (default: all usable cores, half, a quarter)",
+        "--workers", type=cli.worker_count, nargs="+", help="cpu loader workers (default: all cores, half, 1/4)"
     )
     p.add_argument("--what", nargs="+", default=list(WHATS), choices=WHATS, help="kinds of row")
     p.add_argument("--model", default="seed", choices=models.model_names(), help="network of model and epoch rows")
-    p.add_argument(
-        "--steps",
-        nargs="+",
-        choices=["eager", "graph"],
-        help="training steps of model and epoch rows; graph = replayed as one CUDA graph (default: both on CUDA, "
-        "eager on the CPU)",
-    )
-    p.add_argument("--images", type=positive_int, default=50_000, help="images per epoch")
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats of each row")
-    p.add_argument("--model-steps", type=positive_int, default=50, help="steps per timed model repeat")
+    steps = "training steps of model and epoch rows, graph = one CUDA graph (default: both on CUDA, eager on CPU)"
+    p.add_argument("--steps", nargs="+", choices=["eager", "graph"], help=steps)
+    p.add_argument("--images", type=cli.positive_int, default=50_000, help="images per epoch")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repeats of each row")
+    p.add_argument("--model-steps", type=cli.positive_int, default=50, help="steps per timed model repeat")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the model runs")
-    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT, help="folder for the JSON and the PNG")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke run, not a measurement: --images {QUICK['images']}, one repeat of {QUICK['model_steps']} model "
-        f"steps, batch sizes {' '.join(map(str, QUICK['batch_sizes']))} unless given",
-    )
+    p.add_argument("--out", type=cli.output_dir, default=DEFAULT_OUT, help="folder for the JSON and the PNG")
+    p.add_argument("--quick", action="store_true", help=f"a smoke run of a few batches, not a measurement: {QUICK}")
     args = p.parse_args(argv)
     args.warmup = WARMUP_BATCHES
     if args.quick:
@@ -101,16 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> None:
-    """ConfigError (one line) for flags this machine cannot honour, before anything is measured: a batch larger than
-    the epoch of loader or epoch rows (model rows step on a batch of their own), images beyond memory (3,072 bytes
-    each), a loader or step this machine lacks, an --out it cannot write."""
+    """ConfigError (one line), before any work, for a batch beyond the epoch of loader or epoch rows, images beyond
+    memory, a loader or step this machine lacks, an --out it cannot write."""
     if max(args.batch_sizes) > args.images and {"loader", "epoch"} & set(args.what):
         fix = "lower --batch-sizes or leave out --quick" if args.quick else "raise --images or lower --batch-sizes"
         raise ConfigError(
             f"--batch-sizes {max(args.batch_sizes)} is more than --images {args.images}"
             f"{' (set by --quick)' if args.quick else ''}: an epoch would be one smaller batch; {fix}"
         )
-    check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
+    cli.check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
     if args.device == "cuda" and device.type != "cuda":
         raise ConfigError("--device cuda: no CUDA GPU is visible")
     missing = [name for name in args.loaders or [] if name not in default_loaders(device, dali)]
@@ -121,12 +93,11 @@ def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> N
         )
     if device.type != "cuda" and "graph" in (args.steps or []):
         raise ConfigError("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
-    writable_folder(args.out, "--out")  # or it would fail after the first row
+    cli.writable_folder(args.out, "--out")  # or it would fail after the first row
 
 
 def default_loaders(device: torch.device, dali: bool) -> list[str]:
-    """Every loader this machine can run, in LOADERS order: DALI's where it is installed (dali-gpu on CUDA alone),
-    kornia where it is installed, cpu and torch always."""
+    """Every loader this machine can run, in LOADERS order (DALI's and kornia where installed, dali-gpu on CUDA)."""
     usable = {"cpu": True, "dali-gpu": dali and device.type == "cuda", "dali-cpu": dali}
     usable.update({peer: peer_available(peer) for peer in PEERS})
     return [name for name in LOADERS if usable[name]]
@@ -165,15 +136,19 @@ def _line(row: dict, left: float) -> str:
     )
 
 
-@one_line_on_out_of_memory("--batch-sizes or --images")
+@cli.one_line_on_out_of_memory("--batch-sizes or --images")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    dali_version = _dali_version()
+    dali_version = None
+    with contextlib.suppress(ImportError):
+        import nvidia.dali
+
+        dali_version = nvidia.dali.__version__
     try:
         check_flags(args, device, dali_version is not None)
     except ValueError as err:  # ConfigError, and pipeline.cli's checks
-        say_error(str(err))
+        cli.say_error(str(err))
         return 2
     loaders = args.loaders or default_loaders(device, dali_version is not None)
     rng = np.random.default_rng(0)
@@ -205,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dali-cpu: DALI's CPU operators (expect CPU-loader speeds, not GPU ones)")
     about = f"{guess / 60:.0f} min" if guess >= 90 else f"{guess:.0f} s"
     print(f"{len(rows)} rows, {args.images:,} images an epoch: about {about} in all (a guess; 'left s' corrects it)")
-    print(
-        f"img/s: the median of {args.repeats} repeat(s); spread %: (fastest - slowest) / median\n{HEADER}", flush=True
-    )
+    print(f"img/s: median of {args.repeats} repeat(s); spread %: (fastest - slowest) / median\n{HEADER}", flush=True)
     start, done, saved = time.perf_counter(), 0.0, 0
     try:
         for seconds, measure in rows:
@@ -221,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         write_whole(stem.with_suffix(".png"), lambda f: plot_report(report, f))
     except OSError as err:  # the disk filled up or went read-only during the run
         held = f"{stem}.json holds the {saved} row(s) measured before" if saved else "no row was saved"
-        say_error(f"could not write into {args.out} ({os_reason(err)}); {held}; free space or choose another --out")
+        cli.say_error(f"could not write into {args.out} ({os_reason(err)}); {held}; free space or choose another --out")
         return 2
     except KeyboardInterrupt:
         kept = f"{stem}.json holds the {saved} measured" if saved else "nothing was written"
@@ -229,14 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"wrote {stem}.json and .png" + (" (smoke run)" if args.quick else ""))
     return 0
-
-
-def _dali_version() -> str | None:
-    try:
-        import nvidia.dali
-    except ImportError:
-        return None
-    return nvidia.dali.__version__
 
 
 if __name__ == "__main__":

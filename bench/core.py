@@ -18,7 +18,7 @@ import torch
 
 import model as models
 from bench.peers import PEERS, PeerLoader
-from pipeline import Loader, make_loader
+from pipeline import make_loader
 from train.config import TrainConfig
 from train.loop import sync, train_one_epoch
 from train.optim import make_optimizer, make_scheduler
@@ -78,17 +78,12 @@ def loader_for(name: str, images: np.ndarray, labels: np.ndarray, batch_size: in
     return cpu_mode if device.type == "cpu" else _ToDevice(cpu_mode, device)
 
 
-def _epoch(loader: Loader) -> int:
-    return sum(len(x) for x, _ in loader)
-
-
 def bench_loader(name: str, images, labels, batch_size: int, workers: int | None, device, repeats: int) -> Result:
     """Images per second out of loader `name` alone, on the model's device, over whole epochs (a chunked loader works
     ahead: part of an epoch would time work it never hands out), after one untimed epoch."""
     loader = loader_for(name, images, labels, batch_size, workers, device)
-    _epoch(loader)
     result = Result("loader", name, batch_size, workers, loader.num_samples)
-    result.seconds = [timed(device, lambda: _epoch(loader)) for _ in range(repeats)]
+    result.seconds = [timed(device, lambda: [len(x) for x, _ in loader]) for _ in range(repeats + 1)][1:]
     return result
 
 
@@ -100,16 +95,8 @@ def training_step(
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
     scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
-    return TrainStep(
-        net,
-        optimizer,
-        scheduler,
-        steps_per_epoch=steps_per_epoch or total_steps,
-        label_smoothing=0.0,
-        amp=True,
-        device=device,
-        graphed=graphed,
-    )
+    options = dict(label_smoothing=0.0, amp=True, device=device, graphed=graphed)
+    return TrainStep(net, optimizer, scheduler, steps_per_epoch=steps_per_epoch or total_steps, **options)
 
 
 def _resident_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +123,7 @@ def bench_model(
         step.begin_epoch()
         run(warmup)
 
-    warmup_s = timed(device, warm)
-    kind = "graph" if graphed else "eager"
+    kind, warmup_s = "graph" if graphed else "eager", timed(device, warm)
     result = Result("model", MODEL_ONLY, batch_size, None, steps * batch_size, step=kind, warmup_s=warmup_s)
     result.seconds = [timed(device, lambda: run(steps)) for _ in range(repeats)]
     return result
@@ -155,9 +141,8 @@ def bench_epoch(
     graphed: bool = False,
     warmup: int = WARMUP_BATCHES,
 ) -> Result:
-    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`, after `warmup` untimed
-    batches; name None feeds as many batches of one resident tensor (the model-only epoch). `graphed` replays the
-    step as a CUDA graph, as `python -m train --cuda-graph on` does."""
+    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name` (None: batches of one
+    resident tensor, the model-only epoch) after `warmup` untimed batches; `graphed`: the step as a CUDA graph."""
     if name is None:
         feed = [_resident_batch(batch_size, device)] * -(-len(images) // batch_size)
     else:
@@ -172,8 +157,7 @@ def bench_epoch(
     if graphed:
         step.capture(*next(iter(feed)))
     train_one_epoch(step, itertools.islice(feed, warmup), epoch=0)
-    kind = "graph" if graphed else "eager"
-    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step=kind)
+    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step="graph" if graphed else "eager")
     result.seconds = [train_one_epoch(step, feed, epoch=0)["seconds"] for _ in range(repeats)]
     return result
 

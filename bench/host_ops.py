@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import LOADERS, make_loader
-from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int, say_error
+from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int
 from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
 
 # Operations that make views, metadata or uninitialized memory: no kernel behind them unless they call one (aten::to
@@ -141,25 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=512, help="images per batch (default: 512)")
     p.add_argument("--images", type=positive_int, default=3 * CHUNK_IMAGES, help="images per epoch (default: 3 chunks)")
     args = p.parse_args(argv)
-    try:  # the sizes alone can tell: before anything is allocated
-        if args.images < args.batch_size:
-            raise ValueError(
-                f"--batch-size {args.batch_size} with --images {args.images}: raise --images or lower --batch-size"
-            )
+    if args.images < args.batch_size:  # the sizes alone can tell: before anything is allocated
+        p.error(f"--batch-size {args.batch_size} with --images {args.images}: raise --images or lower --batch-size")
+    try:
         check_fits_in_memory(args.images * IMAGE_BYTES, f"--images {args.images}")
     except ValueError as err:
-        say_error(str(err))
-        return 2
+        p.error(str(err))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = np.random.default_rng(0).integers(0, 256, (args.images, *IMAGE_SHAPE, 3), dtype=np.uint8)
     labels = np.zeros(len(images), np.int64)
     workers = 0 if args.loader == "cpu" else None
     loader = make_loader(args.loader, images, labels, args.batch_size, device=device, workers=workers)
     work = host_work(loader)
-    chunks = f" in {work.chunks} chunk(s) (DALI iterations) of up to {work.chunk_batches}" * (work.chunk_batches > 1)
-    print(f"{args.loader} loader on {device}, batch {args.batch_size}, {args.images:,} images: ", end="")
-    print(f"{len(work.ops)} batches{chunks}")
-    print(*report(work), sep="\n")
+    head = f"{args.loader} loader on {device}, batch {args.batch_size}, {args.images:,} images: {len(work.ops)} batches"
+    chunks = f" in {work.chunks} DALI chunk(s) of up to {work.chunk_batches}" if work.chunk_batches > 1 else ""
+    print(head + chunks, *report(work), sep="\n")
     return 0
 
 

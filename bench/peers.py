@@ -3,10 +3,9 @@
 Both keep the training set resident on the device (uint8 NHWC), take the loaders' order (pipeline/order.py) and
 their AugSpec, and iterate like pipeline.make_loader's loaders. They run wherever torch runs, so CI tests them.
 
-* "torch": the project's epoch parameters (pipeline.params, drawn from the DALI loader's generator for (seed, epoch,
-  rank)) applied in plain torch, the airbench way: the composed warp as `F.affine_grid` + `F.grid_sample` with
-  border padding (OpenCV's BORDER_REPLICATE), pad-and-crop a clamped whole-pixel gather, cutout a mask blend. The
-  reference's pixels up to float rounding.
+* "torch": DALI's very epoch parameters (pipeline.params) applied in plain torch, the airbench way: the warp as
+  `F.affine_grid` + `F.grid_sample` with border padding (OpenCV's BORDER_REPLICATE), pad-and-crop a clamped
+  whole-pixel gather, cutout a mask blend: the reference's pixels up to float rounding.
 * "kornia": `kornia.augmentation` with the spec's rates and ranges. It differs from the spec where kornia has its
   own way: a continuous shift-scale-rotate shift (the spec truncates to whole pixels), and parameters drawn from
   torch's global generator, so an epoch's augmentations are not a function of (seed, epoch); its order is.
@@ -39,13 +38,9 @@ def peer_available(kind: str) -> bool:
 
 
 def grid_matrices(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, 2, 3) destination->source matrices in OpenCV pixel-centre coordinates (pixel i's centre at i, as
-    `sampling_matrices` returns them) -> the same maps in `F.affine_grid`'s normalized coordinates for
-    align_corners=False, where -1 and 1 are the outer edges of the corner pixels (F.grid_sample docs), so pixel
-    i's centre is at (2i + 1) / size - 1.
-
-    theta = P @ A @ P^-1 with P(i) = (2 / size) i + (1 / size - 1) per axis, P^-1(u) = (size / 2) u + (size - 1) / 2;
-    source and destination share the size. float32 in and out (computed in float64)."""
+    """(N, 2, 3) float32 destination->source matrices in OpenCV pixel-centre coordinates (pixel i's centre at i, as
+    `sampling_matrices` returns them) -> the same maps in `F.affine_grid`'s coordinates for align_corners=False
+    (pixel i's centre at (2i + 1) / size - 1): theta = P @ A @ P^-1 with P(i) = (2 / size) i + (1 / size - 1)."""
     options = dict(dtype=torch.float64, device=matrices.device)
     to_norm = torch.tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]], **options)
     from_norm = torch.tensor([[width / 2, 0, (width - 1) / 2], [0, height / 2, (height - 1) / 2], [0, 0, 1]], **options)
@@ -201,8 +196,7 @@ class PeerLoader:
                 return kornia(x).contiguous(memory_format=torch.channels_last)
 
             return with_kornia
-        # The airbench way: every image's parameters for the whole epoch in one pass, then one slice per batch.
-        # (.to: with no unit of a kind in the spec, pipeline.params answers with an empty tensor on the CPU.)
+        # the airbench way: the whole epoch's parameters in one pass (.to: a unit missing gives an empty CPU tensor)
         height, width = self.images.shape[1:3]
         params = draw_params(self.spec, n, height, width, generator, self.device)
         theta = grid_matrices(sampling_matrices(params, height, width).to(self.device), height, width)

@@ -1,8 +1,7 @@
-"""The benchmark chart: images per second per batch size, each bar labelled with its value, on a linear axis.
+"""The benchmark chart: images per second per batch size on a linear axis, each bar labelled with its value.
 
-One panel per kind of row measured: each loader alone (its ceiling: the model step alone), a training epoch fed by
-each loader (its ceiling: the model-only epoch, fed from one resident tensor); the model step alone gets a panel of
-its own only when it is all that was measured. Legends sit outside the axes so that no bar is hidden.
+A panel per kind of row measured, loaders alone and epochs, each with its ceiling line (the model step alone, the
+model-only epoch); the model step alone has a panel only when it is all there is. Legends sit outside the axes.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ NAMES = {
     "torch": "plain torch (affine_grid + grid_sample)",
     MODEL_ONLY: "model step",
 }
-# what: (title, the rows of its ceiling line, the ceiling's name); the model panel has no ceiling
+# what: (title, the `what` of its ceiling's rows, the ceiling's name)
 PANELS = {
     "loader": ("loader alone", "model", "model step alone"),
     "epoch": ("training epoch", "epoch", "model-only epoch"),

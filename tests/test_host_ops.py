@@ -23,7 +23,7 @@ def test_reports_per_batch_and_per_chunk_host_work(capsys):
     assert main(["--batch-size", "64", "--images", "640"]) == 0
     out = capsys.readouterr().out
     chunk = (CHUNK_IMAGES if torch.cuda.is_available() else CPU_CHUNK_IMAGES) // 64  # the graph main() gets
-    assert f"10 batches in 1 chunk(s) (DALI iterations) of up to {chunk}" in out
+    assert f"10 batches in 1 DALI chunk(s) of up to {chunk}" in out
     assert re.search(r"^between chunk boundaries +9 +0\.00 +0\.00 +\d+\.\d{3}$", out, re.MULTILINE), out
     assert "DALI calls in the epoch, most frequent: feed_input x3, schedule_run x1, outputs x1" in out
 
