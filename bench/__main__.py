@@ -33,13 +33,12 @@ from pipeline.files import os_reason, write_whole
 WHATS = ("loader", "model", "epoch")
 # A folder in the current directory, not the package's bench/results/ (only the committed reports live there).
 DEFAULT_OUT = Path("bench-results")
-# --quick: every kind of row on a few batches, a smoke test of the benchmark (seconds long), not a measurement.
 QUICK = {"batch_sizes": [64, 128], "images": 256, "repeats": 1, "model_steps": 2, "warmup": 1}
-# A first guess of the whole run's length, before anything is measured (each row's line then corrects it from the
-# rows measured so far): images per second per CPU core on a CPU, images per second on a GPU, for each kind of row.
+# The whole run's length guessed before anything is measured (each row's line corrects it): images per second (per
+# core on a CPU) of each kind of row, plus ROW_START_S a row for starting workers, DALI's pipeline, the warm-up.
+ROW_START_S = 2.0
 GUESS_RATE = {"cpu": {"loader": 4e3, "model": 250, "epoch": 250}, "cuda": {"loader": 5e4, "model": 1e5, "epoch": 4e4}}
-HEADER = f"{'what':6s} {'loader':10s} {'batch':>5s} {'workers':>7s} {'step':5s} {'img/s':>11s} {'spread %':>8s} "
-HEADER += f"{'epoch s':>8s} {'left s':>7s}"
+HEADER = "what   loader     batch workers step        img/s spread %  epoch s  left s"  # the widths of _line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-steps", type=cli.positive_int, default=50, help="steps per timed model repeat")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where the model runs")
     p.add_argument("--out", type=cli.output_dir, default=DEFAULT_OUT, help="folder for the JSON and the PNG")
-    p.add_argument("--quick", action="store_true", help=f"a smoke run of a few batches, not a measurement: {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"a smoke run, every kind of row on a few batches: {QUICK}")
     args = p.parse_args(argv)
     args.warmup = WARMUP_BATCHES
     if args.quick:
@@ -123,7 +122,7 @@ def plan(args, device: torch.device, loaders: list[str], images: np.ndarray, lab
                 measure = partial(bench_epoch, name, args.model, images, labels, bs, w, device, graphed=kind == "graph")
                 rows.append(("epoch", args.repeats * args.images + args.warmup * bs, partial(measure, **timing)))
     rate, scale = GUESS_RATE[device.type], cores if device.type == "cpu" else 1
-    return [(work / (rate[what] * scale), measure) for what, work, measure in rows]
+    return [(work / (rate[what] * scale) + ROW_START_S, measure) for what, work, measure in rows]
 
 
 def _line(row: dict, left: float) -> str:
@@ -205,4 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # Ctrl-C stopped the loader's workers too: leave before their threads and finalizers report it
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)

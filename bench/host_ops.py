@@ -36,9 +36,8 @@ _MARK = "host_ops.batch."
 
 @dataclass
 class HostWork:
-    """What taking each batch of one epoch cost the host: ops[i] torch operations and dali[i] DALI calls (name ->
-    count) while batch i was taken, seconds[i] its host time in another epoch without the counting. Batch i starts
-    a chunk when i % chunk_batches == 0 (1 for a loader without chunks); batch 0 also holds the epoch's start."""
+    """Batch i of an epoch took ops[i] torch operations and dali[i] DALI calls (name -> count), and seconds[i] of host
+    time in an epoch without counting; it starts a chunk when i % chunk_batches == 0 (batch 0: the epoch's too)."""
 
     ops: list[Counter]
     dali: list[Counter]

@@ -1,7 +1,6 @@
 """Benchmark peers: the two GPU augmentation paths a user would compare DALI with. Not training loaders.
 
-Both keep the training set resident on the device (uint8 NHWC), take the loaders' order (pipeline/order.py) and
-their AugSpec, and iterate like pipeline.make_loader's loaders. They run wherever torch runs, so CI tests them.
+Both keep the training set on the device (uint8 NHWC) and iterate like pipeline.make_loader's loaders, in their order.
 
 * "torch": DALI's very epoch parameters (pipeline.params) applied in plain torch, the airbench way: the warp as
   `F.affine_grid` + `F.grid_sample` with border padding (OpenCV's BORDER_REPLICATE), pad-and-crop a clamped

@@ -32,7 +32,6 @@ PANELS = {
     "model": ("model step alone", None, None),
 }
 GRAPH = ", CUDA graph"  # graph-step bars are hatched, and each kind of step has its own ceiling line
-SMOKE = "SMOKE RUN (--quick): a few batches each, not a measurement\n"
 
 
 def _loader_label(row: dict) -> str:
@@ -86,7 +85,7 @@ def plot_report(report: dict, path: str | os.PathLike | BinaryIO) -> None:
         ax.yaxis.set_major_formatter("{x:,.0f}")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    smoke = SMOKE if report.get("quick") else ""
+    smoke = "SMOKE RUN (--quick): a few batches each, not a measurement\n" if report.get("quick") else ""
     fig.suptitle(f"{smoke}{report['model']} net, torch {report['torch']}, DALI {report['dali']}, {report['date']}")
     try:
         fig.savefig(path, format="png", dpi=110)
