@@ -117,9 +117,9 @@ def plan(args, device: torch.device, loaders: list[str], images: np.ndarray, lab
                 measure = partial(bench_loader, name, images, labels, bs, w, device, args.repeats)
                 rows.append(("loader", (args.repeats + 1) * args.images, measure))
         for kind in steps if "epoch" in args.what else []:
-            for name in [None, *loaders]:
-                w = None if name in (None, *PEERS) else cores
-                measure = partial(bench_epoch, name, args.model, images, labels, bs, w, device, graphed=kind == "graph")
+            for feed in [None, *loaders]:
+                w = None if feed in (None, *PEERS) else cores
+                measure = partial(bench_epoch, feed, args.model, images, labels, bs, w, device, graphed=kind == "graph")
                 rows.append(("epoch", args.repeats * args.images + args.warmup * bs, partial(measure, **timing)))
     rate, scale = GUESS_RATE[device.type], cores if device.type == "cpu" else 1
     return [(work / (rate[what] * scale) + ROW_START_S, measure) for what, work, measure in rows]

@@ -98,7 +98,7 @@ def host_work(loader, warmup_epochs: int = 1) -> HostWork:
     finally:
         if pipe is not None:
             loader.pipe = pipe
-    ops = [Counter() for _ in dali]
+    ops: list[Counter] = [Counter() for _ in dali]
     for event in prof.events():
         if event.name.startswith(_MARK):
             i = int(event.name[len(_MARK) :])
