@@ -44,7 +44,7 @@ else
 fi
 COMMON="--data-dir $DATA --device $DEVICE"
 export NO_ALBUMENTATIONS_UPDATE=1  # albumentations would look for a newer version over the network at import
-export PY VAL DATA DEVICE SMOKE_IMAGES SIZES STEPS DALI SEED_EPOCHS LRS SMALL BENCH HOST WORKERS COMMON WORK
+export QUICK PY VAL DATA DEVICE SMOKE_IMAGES SIZES STEPS DALI SEED_EPOCHS LRS SMALL BENCH HOST WORKERS COMMON WORK
 
 # --- the phases: each a function run under its limit, its output in $WORK/logs/NAME.txt ----------------------------
 p_smoke() {  # the chunked DALI loader runs, and matches albumentations on explicit parameters
@@ -118,8 +118,10 @@ export -f p_smoke p_train p_gpu-tests p_epochs p_fast-seeds p_loaders p_host-ops
 # --- the summary: every figure so far, and each target met or missed ----------------------------------------------
 summary() {
   "$PY" - "$WORK" <<'EOF'
-import glob, importlib.util, json, os, re, statistics, sys
+import glob, importlib.util, json, os, statistics, sys
 work = sys.argv[1]
+if os.environ["QUICK"] == "1":
+    print("QUICK=1: toy sizes on the CPU, a smoke run of this script; no figure here is a measurement")
 def log(name):
     path = f"{work}/logs/{name}.txt"
     return open(path, errors="replace").read().splitlines() if os.path.exists(path) else []
