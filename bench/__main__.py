@@ -1,7 +1,7 @@
 """`python -m bench`: how fast each loader feeds the model, against the model's own ceiling, on this machine.
 
 Prints one line per row as it is measured, writes <out>/<device>-<yyyymmdd>.json after every row and a PNG chart at
-the end. The committed reports in bench/results/ are written there by bench/gpu_session.sh with --out.
+the end. The reports in bench/results/ come from bench/gpu_session.sh's archive (results.tgz) of a GPU run.
 """
 
 from __future__ import annotations
