@@ -1,70 +1,61 @@
-"""Throughput measurements: a loader alone, the model step alone, and a full training epoch with each loader.
+"""Throughput of a loader alone, of the model's training step alone, and of a training epoch fed by each loader.
 
-Every timed region starts after a warm-up and is closed by torch.cuda.synchronize() on CUDA, and is repeated; the
-median and the spread (min, max) are reported.
+Every timed region follows a warm-up and ends with a device sync; it is repeated, and a row reports the median.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import model as models
 from bench.peers import PEERS, PeerLoader
-from pipeline import Loader, make_loader
+from pipeline import make_loader
 from train.config import TrainConfig
 from train.loop import sync, train_one_epoch
 from train.optim import make_optimizer, make_scheduler
 from train.step import TrainStep
 
-# What each row's "loader" field can say: the loaders measured, and "model-only" for the model step alone and the
-# model-only epoch (one tensor already on the device, no loader).
 LOADERS = ("cpu", "dali-gpu", "dali-cpu", *PEERS)
-MODEL_ONLY = "model-only"
+MODEL_ONLY = "model-only"  # a row's loader for the model step alone and the epoch fed from one resident tensor
 # Untimed batches before a model or epoch measurement: the first steps allocate memory, pick kernels, start workers.
 WARMUP_BATCHES = 5
 
 
-@dataclass
+@dataclasses.dataclass
 class Result:
     what: str  # "loader" | "model" | "epoch"
     loader: str  # one of LOADERS, or MODEL_ONLY
     batch_size: int
     workers: int | None  # CPU loader: worker processes; DALI: threads; None where there are none
     images: int  # images per timed repeat
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
     step: str | None = None  # "eager" | "graph" (train/step.py) for model and epoch rows; None for loaders alone
-    compile_mode: str | None = None  # the model ran under torch.compile(mode=...); None: not compiled
-    warmup_s: float | None = None  # the untimed warm-up (with capture or compilation), seconds: what a run pays once
+    warmup_s: float | None = None  # model rows: the untimed warm-up with the graph's capture, seconds
 
     def row(self) -> dict:
-        median = statistics.median(self.seconds)
-        img_per_s = [self.images / s for s in self.seconds]
+        """The JSON row: these fields, img_per_s of the median repeat, _min and _max of the slowest and fastest."""
+        rates, median = [self.images / s for s in self.seconds], statistics.median(self.seconds)
         return {
-            "what": self.what,
-            "loader": self.loader,
-            "batch_size": self.batch_size,
-            "workers": self.workers,
-            "images": self.images,
+            **dataclasses.asdict(self),
             "img_per_s": self.images / median,
-            "img_per_s_min": min(img_per_s),
-            "img_per_s_max": max(img_per_s),
+            "img_per_s_min": min(rates),
+            "img_per_s_max": max(rates),
             "epoch_s": median if self.what == "epoch" else None,
-            "seconds": self.seconds,
             "repeats": len(self.seconds),
-            "step": self.step,
-            "compiled": self.compile_mode is not None,
-            "compile_mode": self.compile_mode,
-            "warmup_s": self.warmup_s,
         }
 
 
-def timed(device: torch.device, fn: Callable[[], None]) -> float:
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    """Seconds `fn` takes, queued device work included."""
     sync(device)
     start = time.perf_counter()
     fn()
@@ -72,98 +63,54 @@ def timed(device: torch.device, fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def loader_for(
-    name: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    workers: int | None,
-    device: torch.device,
-):
-    """name: cpu (albumentations), dali-gpu (batched graph on CUDA), dali-cpu (DALI's CPU operators), kornia or
-    torch (the benchmark peers of bench.peers, on `device`; they take no workers)."""
+def loader_for(name: str, images: np.ndarray, labels: np.ndarray, batch_size: int, workers: int | None, device):
+    """name: cpu (albumentations), dali-gpu (the batched graph on CUDA), dali-cpu (DALI's CPU operators), kornia or
+    torch (bench.peers, on `device`; they take no workers). images uint8 [N, 32, 32, 3], labels int64 [N]."""
     if name in PEERS:
         return PeerLoader(name, images, labels, batch_size, device=device)
     if name == "cpu":
         return make_loader("cpu", images, labels, batch_size, device=device, workers=workers)
     if name == "dali-gpu":
         return make_loader("dali", images, labels, batch_size, device=device, workers=workers)
-    cpu_mode = make_loader("dali", images, labels, batch_size, device="cpu", workers=workers)
+    # DALI's CPU-mode notice would land inside the table: bench's plan names the mode before the table instead
+    with contextlib.redirect_stdout(io.StringIO()):
+        cpu_mode = make_loader("dali", images, labels, batch_size, device="cpu", workers=workers)
     return cpu_mode if device.type == "cpu" else _ToDevice(cpu_mode, device)
 
 
-def _epoch(loader: Loader) -> int:
-    """Take one whole epoch from `loader`; the number of images."""
-    return sum(len(x) for x, _ in loader)
-
-
-def bench_loader(
-    name: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    workers: int | None,
-    device: torch.device,
-    repeats: int,
-) -> Result:
-    """Images per second out of the loader alone, on the device the model would use, over whole epochs: a chunked
-    loader works ahead of its consumer, so part of an epoch would count work it never credits (and an early stop
-    drains the chunk in flight inside the timing). One untimed epoch first: workers started, buffers allocated."""
+def bench_loader(name: str, images, labels, batch_size: int, workers: int | None, device, repeats: int) -> Result:
+    """Images per second out of loader `name` alone, on the model's device, over whole epochs (a chunked loader works
+    ahead: part of an epoch would time work it never hands out), after one untimed epoch."""
     loader = loader_for(name, images, labels, batch_size, workers, device)
-    _epoch(loader)
     result = Result("loader", name, batch_size, workers, loader.num_samples)
-    for _ in range(repeats):
-        result.seconds.append(timed(device, lambda: _epoch(loader)))
+    result.seconds = [timed(device, lambda: [len(x) for x, _ in loader]) for _ in range(repeats + 1)][1:]
     return result
 
 
 def training_step(
-    model_name: str,
-    device: torch.device,
-    *,
-    total_steps: int,
-    steps_per_epoch: int | None = None,
-    graphed: bool = False,
-    compile_mode: str | None = None,
+    model_name: str, device: torch.device, *, total_steps: int, steps_per_epoch: int | None = None, graphed=False
 ) -> TrainStep:
-    """The training step `python -m train` uses (train/step.py: bf16 autocast on CUDA, SGD with the default
-    config's settings, the onecycle schedule over `total_steps`), on a fresh channels_last `model_name`.
-    `steps_per_epoch` (default: all `total_steps`) is the most steps between two `begin_epoch` calls; `compile_mode`
-    (torch.compile's mode) compiles the network, None leaves it eager."""
+    """`python -m train`'s step (train/step.py: bf16 autocast on CUDA, SGD as the default config, onecycle over
+    `total_steps`) on a fresh channels_last `model_name`; at most `steps_per_epoch` steps between `begin_epoch`s."""
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
     scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
-    return TrainStep(
-        torch.compile(net, mode=compile_mode) if compile_mode else net,
-        optimizer,
-        scheduler,
-        steps_per_epoch=steps_per_epoch or total_steps,
-        label_smoothing=0.0,
-        amp=True,
-        device=device,
-        graphed=graphed,
-    )
+    options = dict(label_smoothing=0.0, amp=True, device=device, graphed=graphed)
+    return TrainStep(net, optimizer, scheduler, steps_per_epoch=steps_per_epoch or total_steps, **options)
+
+
+def _resident_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (batch_size,), device=device)
 
 
 def bench_model(
-    model_name: str,
-    batch_size: int,
-    device: torch.device,
-    repeats: int,
-    steps: int,
-    compile_mode: str | None = None,
-    graphed: bool = False,
-    warmup: int = WARMUP_BATCHES,
+    model_name: str, batch_size: int, device, repeats: int, steps: int, graphed=False, warmup=WARMUP_BATCHES
 ) -> Result:
-    """Training steps per second on one batch already on the device: the ceiling any loader can reach, after
-    `warmup` untimed steps. `graphed` replays the step as a CUDA graph (captured before the timing); `compile_mode`
-    runs the network under torch.compile(mode=...) instead ("reduce-overhead": torch's own CUDA graphs of the
-    compiled forward and backward). The row's `warmup_s` is the capture or compilation plus the warm-up steps."""
-    step = training_step(
-        model_name, device, total_steps=warmup + repeats * steps, graphed=graphed, compile_mode=compile_mode
-    )
-    x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+    """Training steps per second on one batch already on the device: the ceiling of every loader. `graphed` replays
+    the step as a CUDA graph; the row's warmup_s is the capture plus `warmup` untimed steps."""
+    step = training_step(model_name, device, total_steps=warmup + repeats * steps, graphed=graphed)
+    x, y = _resident_batch(batch_size, device)
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -176,20 +123,9 @@ def bench_model(
         step.begin_epoch()
         run(warmup)
 
-    warmup_s = timed(device, warm)
-    kind = "graph" if graphed else "eager"
-    result = Result(
-        "model",
-        MODEL_ONLY,
-        batch_size,
-        None,
-        steps * batch_size,
-        step=kind,
-        compile_mode=compile_mode,
-        warmup_s=warmup_s,
-    )
-    for _ in range(repeats):
-        result.seconds.append(timed(device, lambda: run(steps)))
+    kind, warmup_s = "graph" if graphed else "eager", timed(device, warm)
+    result = Result("model", MODEL_ONLY, batch_size, None, steps * batch_size, step=kind, warmup_s=warmup_s)
+    result.seconds = [timed(device, lambda: run(steps)) for _ in range(repeats)]
     return result
 
 
@@ -202,17 +138,13 @@ def bench_epoch(
     workers: int | None,
     device: torch.device,
     repeats: int,
-    compile_mode: str | None = None,
     graphed: bool = False,
     warmup: int = WARMUP_BATCHES,
 ) -> Result:
-    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name`, after `warmup` untimed
-    batches; name None feeds the model the same number of batches from one tensor already on the device (the
-    model-only epoch). `graphed` replays the step as a CUDA graph, as `python -m train --cuda-graph on` does."""
+    """One training epoch (forward, backward, SGD step, lr schedule) fed by loader `name` (None: batches of one
+    resident tensor, the model-only epoch) after `warmup` untimed batches; `graphed`: the step as a CUDA graph."""
     if name is None:
-        x = torch.randn(batch_size, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch_size,), device=device)
-        feed = _Repeat(x, y, -(-len(images) // batch_size))
+        feed = [_resident_batch(batch_size, device)] * -(-len(images) // batch_size)
     else:
         feed = loader_for(name, images, labels, batch_size, workers, device)
     step = training_step(
@@ -221,35 +153,20 @@ def bench_epoch(
         total_steps=warmup + (repeats + 1) * len(feed),
         steps_per_epoch=max(len(feed), warmup),  # train_one_epoch begins an epoch per pass
         graphed=graphed,
-        compile_mode=compile_mode,
     )
     if graphed:
         step.capture(*next(iter(feed)))
-    train_one_epoch(step, _Take(feed, warmup), epoch=0)  # warm-up
-    kind = "graph" if graphed else "eager"
-    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step=kind, compile_mode=compile_mode)
-    for _ in range(repeats):
-        result.seconds.append(train_one_epoch(step, feed, epoch=0)["seconds"])
+    train_one_epoch(step, itertools.islice(feed, warmup), epoch=0)
+    result = Result("epoch", name or MODEL_ONLY, batch_size, workers, len(images), step="graph" if graphed else "eager")
+    result.seconds = [train_one_epoch(step, feed, epoch=0)["seconds"] for _ in range(repeats)]
     return result
 
 
-class _Repeat:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int):
-        self.x, self.y, self.steps = x, y, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator:
-        for _ in range(self.steps):
-            yield self.x, self.y
-
-
 class _ToDevice:
-    """DALI's CPU mode feeding a GPU model: the batches cross to the GPU like the CPU loader's do."""
+    """DALI's CPU mode feeding a GPU model: the batches cross to the GPU as the CPU loader's do."""
 
     def __init__(self, loader, device: torch.device):
-        self.loader, self.device = loader, device
+        self.loader, self.device, self.num_samples = loader, device, loader.num_samples
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -257,14 +174,3 @@ class _ToDevice:
     def __iter__(self) -> Iterator:
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-class _Take:
-    def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
-
-    def __iter__(self) -> Iterator:
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                break
-            yield batch

@@ -1,27 +1,13 @@
 """Benchmark peers: the two GPU augmentation paths a user would compare DALI with. Not training loaders.
 
-Both keep the whole training set resident on the device (uint8 NHWC), are built from the same AugSpec as DALI and
-albumentations (no number restated here), and iterate like the project's loaders: each pass is one epoch of
-(x, y) batches, x float32 [B, 3, H, W] channels_last and normalized, y int64 [B], every image exactly once (the
-last batch partial unless drop_last); `len()`, `num_samples` and `set_epoch` as in pipeline.make_loader. They run
-wherever torch runs, so CI tests them on the CPU.
+Both keep the training set on the device (uint8 NHWC) and iterate like pipeline.make_loader's loaders, in their order.
 
-* "torch": the project's own epoch parameters applied in plain torch, the airbench way. `pipeline.params.draw_params`
-  draws every image's parameters once per epoch on the device; `sampling_matrices` (the composed warp:
-  shift-scale-rotate and flip) becomes `F.affine_grid` + `F.grid_sample(padding_mode="border")` (border = OpenCV
-  BORDER_REPLICATE for bilinear sampling: a clamped coordinate reads the edge pixel), `grid_shifts` (pad-and-crop,
-  when on) a clamped whole-pixel gather, `hole_boxes` (cutout) a mask blend with the cutout fill, then normalize.
-  Same distributions and same pixels (up to float rounding; not rounded to uint8 between steps) as the reference.
-  It draws from the DALI loader's generator for (seed, epoch, rank), so it augments with DALI's very parameters.
-
-Both peers take the loaders' order (pipeline/order.py: `epoch_batches`): the same images in the same batches.
-* "kornia": `kornia.augmentation` with per-image random parameters: RandomAffine (the spec's rotation, isotropic
-  scale, shift fraction and p; padding "border"), RandomHorizontalFlip, RandomCrop with replicate padding when
-  pad-and-crop is on, a one-hole RandomErasing whose hole follows the spec's size law and fill, Normalize. What
-  differs from the spec, because kornia does it its own way: the shift-scale-rotate shift is continuous
-  (albumentations 2.x and pipeline.params truncate it to whole pixels), and kornia draws from torch's global random
-  generator on the CPU (its default), so an epoch's augmentations are not a function of (seed, epoch) as the
-  project's loaders' are; the order is.
+* "torch": DALI's very epoch parameters (pipeline.params) applied in plain torch, the airbench way: the warp as
+  `F.affine_grid` + `F.grid_sample` with border padding (OpenCV's BORDER_REPLICATE), pad-and-crop a clamped
+  whole-pixel gather, cutout a mask blend: the reference's pixels up to float rounding.
+* "kornia": `kornia.augmentation` with the spec's rates and ranges. It differs from the spec where kornia has its
+  own way: a continuous shift-scale-rotate shift (the spec truncates to whole pixels), and parameters drawn from
+  torch's global generator, so an epoch's augmentations are not a function of (seed, epoch); its order is.
 """
 
 from __future__ import annotations
@@ -35,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.dali_loader import CHUNK_IMAGES, graph_layout
+from pipeline.errors import ConfigError
 from pipeline.order import Order, epoch_batches, num_batches
 from pipeline.params import draw_params, epoch_generator, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
@@ -43,23 +30,15 @@ PEERS = ("kornia", "torch")
 KORNIA_TWINS = ("ssr", "flip", "pad_crop", "cutout")  # the units kornia_augment writes with kornia's modules
 
 
-class PeerUnavailable(RuntimeError):
-    """A peer's optional package is not installed."""
-
-
 def peer_available(kind: str) -> bool:
     """Whether peer `kind` can run here (kornia is an optional dependency; plain torch always can)."""
     return kind != "kornia" or importlib.util.find_spec("kornia") is not None
 
 
 def grid_matrices(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, 2, 3) destination->source matrices in OpenCV pixel-centre coordinates (pixel i's centre at i, as
-    `sampling_matrices` returns them) -> the same maps in `F.affine_grid`'s normalized coordinates for
-    align_corners=False, where -1 and 1 are the outer edges of the corner pixels (F.grid_sample docs), so pixel
-    i's centre is at (2i + 1) / size - 1.
-
-    theta = P @ A @ P^-1 with P(i) = (2 / size) i + (1 / size - 1) per axis, P^-1(u) = (size / 2) u + (size - 1) / 2;
-    source and destination share the size. float32 in and out (computed in float64)."""
+    """(N, 2, 3) float32 destination->source matrices in OpenCV pixel-centre coordinates (pixel i's centre at i, as
+    `sampling_matrices` returns them) -> the same maps in `F.affine_grid`'s coordinates for align_corners=False
+    (pixel i's centre at (2i + 1) / size - 1): theta = P @ A @ P^-1 with P(i) = (2 / size) i + (1 / size - 1)."""
     options = dict(dtype=torch.float64, device=matrices.device)
     to_norm = torch.tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]], **options)
     from_norm = torch.tensor([[width / 2, 0, (width - 1) / 2], [0, height / 2, (height - 1) / 2], [0, 0, 1]], **options)
@@ -97,9 +76,8 @@ def torch_augment(
     ys, xs = ys.view(1, 1, height, 1), xs.view(1, 1, 1, width)
     y0, x0, y1, x1 = boxes.view(n, boxes.shape[1] // 4, 4, 1, 1).unbind(2)  # each (B, k, 1, 1)
     inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)  # (B, k, H, W): the k Box units in order
-    # Each Box unit's own fill, the uint8 level the reference loaders write (they cut out before Normalize), as the
-    # DALI graphs do (pipeline.dali_loader.graph_layout).
-    # (Explicit parameters may leave the Box units out: then there are no boxes, and nothing to fill.)
+    # each Box unit's own fill, the uint8 level the reference writes (pipeline.dali_loader.graph_layout); explicit
+    # parameters may leave the Box units out: then there is nothing to fill
     for k, fill in zip(range(inside.shape[1]), graph_layout(spec).fills, strict=False):
         x = torch.where(inside[:, k : k + 1], float(fill), x)
     return torch.addcmul(bias, x, scale).contiguous(memory_format=torch.channels_last)
@@ -107,21 +85,19 @@ def torch_augment(
 
 def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
     """The spec as kornia.augmentation modules, for float [B, 3, height, width] images in [0, 1]. Raises
-    PeerUnavailable without kornia."""
+    ConfigError without kornia."""
     if not peer_available("kornia"):
-        raise PeerUnavailable("kornia is not installed: pip install -e '.[bench]' (or pip install 'kornia>=0.7')")
+        raise ConfigError("kornia is not installed: pip install -e '.[bench]' (or pip install 'kornia>=0.7')")
     import kornia.augmentation as K
 
-    # kornia has its own modules, named here one by one: a unit added to pipeline/augs/ without a twin below would be
-    # left out silently, so it is refused instead.
+    # a unit added to pipeline/augs/ without a kornia twin below would be left out silently: refused instead
     missing = [unit.name for unit in spec.included if unit.name not in KORNIA_TWINS]
     if missing:
         raise ValueError(f"the kornia peer has no twin for {', '.join(missing)} (bench/peers.py kornia_augment)")
 
     class OneHoleCutout(K.RandomErasing):
-        """RandomErasing with one hole drawn by the spec's law (pipeline.params.draw_params) instead of kornia's
-        area/aspect-ratio law, whose sides can reach the image size. Applied with the spec's cutout_p by kornia's
-        own gate; the holes come from torch's global CPU generator, where kornia's own parameters come from."""
+        """RandomErasing with one hole drawn by the spec's law instead of kornia's area/aspect-ratio law (whose
+        sides can reach the image size), gated by kornia with the spec's cutout_p."""
 
         def generate_parameters(self, batch_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
             n, h, w = batch_shape[0], batch_shape[-2], batch_shape[-1]
@@ -152,14 +128,9 @@ def kornia_augment(spec: AugSpec, height: int, width: int) -> torch.nn.Module:
 
 
 class PeerLoader:
-    """Yields (x, y) like pipeline.make_loader's loaders: x float32 [B, 3, H, W] channels_last, normalized by
-    `spec`; y int64 [B]; both on `device`, where the whole training set stays resident as uint8.
-
-    kind "torch" or "kornia" (see the module docstring); images uint8 [N, H, W, 3] and labels [N], as
-    pipeline.make_loader takes them (bench makes them; it is not a user-facing loader). Each pass is one epoch,
-    shuffled from (seed, epoch); the epoch advances by itself after every pass and can be set with `set_epoch`.
-    Raises ValueError for an unknown kind, PeerUnavailable when kornia is asked for and missing.
-    """
+    """Peer `kind` ("torch" or "kornia") over images uint8 [N, H, W, 3] and labels [N]: each pass one epoch of
+    (x float32 [B, 3, H, W] channels_last normalized, y int64 [B]) on `device`, as pipeline.make_loader's loaders.
+    Raises ValueError for an unknown kind, ConfigError when kornia is asked for and missing."""
 
     def __init__(
         self,
@@ -178,7 +149,6 @@ class PeerLoader:
             raise ValueError(f"unknown peer {kind!r}; choose one of {', '.join(PEERS)}")
         self.kind, self.spec, self.device = kind, spec or AugSpec(), torch.device(device)
         self.batch_size = batch_size
-        # the loaders' own order (pipeline/order.py): the same images in the same batches as make_loader's loaders
         self.order = Order(seed=seed, shuffle=shuffle, drop_last=drop_last)
         self.spec.check_image_size(*images.shape[1:3])  # as the loaders do: a spec that cannot work is refused
         self.images = torch.from_numpy(images).to(self.device)
@@ -204,9 +174,7 @@ class PeerLoader:
         # the DALI loader's generator for (seed, epoch, rank): the torch peer draws the very parameters DALI does
         generator = epoch_generator(self.order.seed, epoch, self.order.rank, self.device)
         augment = self._epoch_augment(generator, len(index))
-        # Augmented a chunk of whole batches at a time, as the DALI loader does (CHUNK_IMAGES), and handed out as
-        # views: per batch neither peer launches anything, so the comparison with DALI is one design against another,
-        # not chunks against per-batch launches (airbench augments the whole epoch at once).
+        # a chunk of whole batches at a time, as the DALI loader does, handed out as views: the same design compared
         ends = np.cumsum([len(b) for b in chosen]).tolist()
         spans = list(zip([0, *ends[:-1]], ends, strict=True))
         per_chunk = max(1, CHUNK_IMAGES // self.batch_size)
@@ -227,8 +195,7 @@ class PeerLoader:
                 return kornia(x).contiguous(memory_format=torch.channels_last)
 
             return with_kornia
-        # The airbench way: every image's parameters for the whole epoch in one pass, then one slice per batch.
-        # (.to: with no unit of a kind in the spec, pipeline.params answers with an empty tensor on the CPU.)
+        # the airbench way: the whole epoch's parameters in one pass (.to: a unit missing gives an empty CPU tensor)
         height, width = self.images.shape[1:3]
         params = draw_params(self.spec, n, height, width, generator, self.device)
         theta = grid_matrices(sampling_matrices(params, height, width).to(self.device), height, width)

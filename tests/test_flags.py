@@ -29,85 +29,6 @@ def a_file(tmp_path):
     return path
 
 
-BENCH = [
-    ["--batch-sizes", "0"],
-    ["--batch-sizes", "-64"],
-    ["--batch-sizes", "64", "0"],
-    ["--batch-sizes", "1.5"],
-    ["--images", "0"],
-    ["--repeats", "0"],
-    ["--model-steps", "-1"],
-    ["--workers", "-1"],
-    ["--workers", "100000"],
-    ["--workers", "8", "100000"],
-    ["--batch-sizes", "100000"],  # more than the 50,000 --images: one smaller batch an epoch
-    ["--images", "10000000000"],  # 28 TiB of uint8: refused before numpy tries
-    ["--model", "no-such-net"],
-    ["--loaders", "no-such-loader"],
-    ["--what", "everything"],
-    ["--device", "tpu"],
-    ["--steps", "warp"],
-    ["--compile-mode", "reduce-overhead"],  # without --compile it would do nothing
-    ["--compile-mode", "max-autotune"],
-    ["--out", ""],  # an unset shell variable: not the current folder
-]
-
-
-@pytest.mark.parametrize("argv", BENCH, ids=" ".join)
-def test_bench_refuses_impossible_flags(argv, capsys):
-    from bench.__main__ import main
-
-    message = refused(main, [*argv, "--device", "cpu"] if "--device" not in argv else argv, capsys)
-    assert argv[0] in message
-
-
-def test_bench_refuses_an_out_that_is_a_file(a_file, capsys):
-    from bench.__main__ import main
-
-    assert "is a file" in refused(main, ["--quick", "--out", str(a_file / "sub")], capsys)
-    assert "is a file" in refused(main, ["--quick", "--out", str(a_file)], capsys)
-
-
-def test_bench_batch_beyond_the_images_is_refused_only_where_an_epoch_is_cut():
-    """Model rows step on one random batch of their own, so --what model takes any batch size; loader and epoch rows
-    go through --images and refuse a batch larger than it, saying what would help (under --quick, which fixes
-    --images at 256, raising --images would not)."""
-    from bench.__main__ import parse_args, sizes_fit
-
-    sizes_fit(parse_args(["--quick", "--batch-sizes", "512", "--what", "model"]))
-    sizes_fit(parse_args(["--batch-sizes", "512", "--images", "256", "--what", "model"]))
-    with pytest.raises(ValueError, match="leave out --quick"):
-        sizes_fit(parse_args(["--quick", "--batch-sizes", "512", "--images", "4096"]))
-    with pytest.raises(ValueError, match="raise --images"):
-        sizes_fit(parse_args(["--batch-sizes", "512", "--images", "256", "--what", "loader"]))
-
-
-@pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
-def test_bench_refuses_cuda_without_a_gpu(capsys):
-    from bench.__main__ import main
-
-    assert "no CUDA GPU" in refused(main, ["--quick", "--device", "cuda"], capsys)
-    argv = ["--quick", "--device", "cpu", "--compile", "--compile-mode", "reduce-overhead"]
-    assert "need a CUDA GPU" in refused(main, argv, capsys)
-
-
-HOST_OPS = [
-    ["--batch-size", "0"],
-    ["--batch-size", "x"],
-    ["--images", "0.5"],
-    ["--loader", "kornia"],
-    ["--images", "10000000000"],
-    ["--batch-size", "100000"],
-]
-
-
-@pytest.mark.parametrize("argv", HOST_OPS, ids=" ".join)
-def test_host_ops_refuses_impossible_flags(argv, capsys):
-    from bench.host_ops import main
-
-    assert argv[0] in refused(main, argv, capsys)
-
-
 def test_train_uses_the_shared_one_line_parser(capsys):
     """python -m train already refused bad flags in one line; it now does so through the same parser class."""
     from pipeline.cli import OneLineParser
@@ -205,40 +126,6 @@ def read_only(monkeypatch, tmp_path):
 
 def _never(*args, **kwargs):
     pytest.fail("work started before --out was checked")
-
-
-def test_bench_refuses_an_out_it_cannot_write_before_measuring(read_only, monkeypatch, capsys):
-    import bench.__main__
-    from bench.__main__ import main
-
-    monkeypatch.setattr(bench.__main__, "bench_model", _never)
-    line = refused(main, ["--quick", "--device", "cpu", "--what", "model", "--out", str(read_only)], capsys)
-    assert "--out" in line and "Read-only file system" in line, line
-
-
-def test_bench_says_in_one_line_what_it_kept_when_the_disk_fills_up(tmp_path, monkeypatch, capsys):
-    import errno
-
-    import bench.__main__
-    from bench.__main__ import main
-    from pipeline.files import write_whole
-
-    calls = []
-
-    def full_after_one(path, write):
-        calls.append(path)
-        if len(calls) > 1:  # the first row is written; then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write_whole(path, write)
-
-    monkeypatch.setattr(bench.__main__, "write_whole", full_after_one)
-    line = refused(main, ["--quick", "--device", "cpu", "--what", "model", "--out", str(tmp_path)], capsys)
-    assert "No space left on device" in line and "holds the 1 row(s) measured before" in line, line
-    (report,) = tmp_path.glob("*.json")
-    import json
-
-    assert len(json.loads(report.read_text())["results"]) == 1  # the row before the disk filled up, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == [report.name]  # no temporaries left behind
 
 
 def test_write_whole_leaves_the_old_file_or_the_new_one(tmp_path):

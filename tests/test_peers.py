@@ -25,7 +25,8 @@ from test_parity import (
     to_pixels,
 )
 
-from bench.peers import PEERS, PeerLoader, PeerUnavailable, grid_matrices, torch_augment
+from bench.peers import PEERS, PeerLoader, grid_matrices, torch_augment
+from pipeline.errors import ConfigError
 from pipeline.params import AugParams, grid_shifts, hole_boxes, sampling_matrices
 from pipeline.spec import AugSpec
 
@@ -162,7 +163,7 @@ def test_kornia_peer_draws_follow_the_spec(unit, expectation):
 
 def test_kornia_peer_is_refused_without_kornia(monkeypatch):
     monkeypatch.setitem(sys.modules, "kornia", None)  # as if not installed
-    with pytest.raises(PeerUnavailable, match=r"pip install -e '\.\[bench\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[bench\]'"):
         PeerLoader("kornia", smooth_images(4), np.zeros(4), 2)
     PeerLoader("torch", smooth_images(4), np.zeros(4), 2)  # plain torch needs nothing more
 
