@@ -331,7 +331,6 @@ class DaliLoader:
         if self._ahead is not None and self._ahead.number != number:  # set_epoch jumped: its chunks are not this one's
             self._drop_ahead()
         current, self._ahead = self._ahead or self._prepare(number), None
-        collected = 0
         try:
             for k, chunk in enumerate(current.chunks):
                 # CHUNKS_AHEAD chunks queued behind this one, so that DALI augments them while this one is copied
@@ -345,11 +344,11 @@ class DaliLoader:
                         break
                     self._feed(self._ahead)
                 x = self._collect()
-                collected += 1
                 for a, b in chunk.spans:
                     yield x[a - chunk.start : b - chunk.start], current.labels[a:b]
         finally:  # a consumer that stops early leaves none of this epoch's chunks queued (the next one's stay)
-            self._drain(current.fed - collected)
+            # counted from _in_flight, which _collect updates, so a Ctrl-C inside _collect drains no chunk twice
+            self._drain(self._in_flight - (self._ahead.fed if self._ahead else 0))
 
     def _prepare(self, number: int) -> _Epoch:
         """Epoch `number`: its batches, labels and every chunk's DALI inputs, none fed yet.
