@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="seed", choices=models.model_names(), help="network of model and epoch rows")
     steps = "training steps of model and epoch rows, graph = one CUDA graph (default: both on CUDA, eager on CPU)"
     p.add_argument("--steps", nargs="+", choices=["eager", "graph"], help=steps)
+    p.add_argument("--compile", action="store_true", help="also measure the model step under torch.compile")
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile's mode for --compile (reduce-overhead: torch's own CUDA graphs, against --steps graph)",
+    )
     p.add_argument("--images", type=cli.positive_int, default=50_000, help="images per epoch")
     p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed repeats of each row")
     p.add_argument("--model-steps", type=cli.positive_int, default=50, help="steps per timed model repeat")
@@ -90,6 +97,10 @@ def check_flags(args: argparse.Namespace, device: torch.device, dali: bool) -> N
             f"--loaders {' '.join(missing)}: cannot run here (dali-gpu needs a CUDA GPU and DALI, dali-cpu needs DALI: "
             "pip install nvidia-dali-cuda130; kornia: pip install -e '.[bench]'); leave them out"
         )
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} does nothing without --compile; add --compile")
+    if device.type != "cuda" and args.compile and args.compile_mode == "reduce-overhead":
+        raise ConfigError("--compile-mode reduce-overhead replays CUDA graphs, which need a CUDA GPU")
     if device.type != "cuda" and "graph" in (args.steps or []):
         raise ConfigError("--steps graph needs a CUDA GPU (a CUDA graph replays GPU work)")
     cli.writable_folder(args.out, "--out")  # or it would fail after the first row
@@ -109,9 +120,11 @@ def plan(args, device: torch.device, loaders: list[str], images: np.ndarray, lab
     timing = dict(repeats=args.repeats, warmup=args.warmup)
     rows: list[tuple[str, int, Callable[[], Result]]] = []  # (what, images it goes through, measure)
     for bs in args.batch_sizes:
-        for kind in steps if "model" in args.what else []:
-            measure = partial(bench_model, args.model, bs, device, steps=args.model_steps, graphed=kind == "graph")
-            rows.append(("model", (args.warmup + args.repeats * args.model_steps) * bs, partial(measure, **timing)))
+        for kind in [*steps, *["compile"] * args.compile] if "model" in args.what else []:
+            compile_mode = args.compile_mode if kind == "compile" else None
+            measure = partial(bench_model, args.model, bs, device, steps=args.model_steps, compile_mode=compile_mode)
+            measure = partial(measure, graphed=kind == "graph", **timing)
+            rows.append(("model", (args.warmup + args.repeats * args.model_steps) * bs, measure))
         for name in loaders if "loader" in args.what else []:
             for w in workers if name == "cpu" else [None if name in PEERS else cores]:
                 measure = partial(bench_loader, name, images, labels, bs, w, device, args.repeats)

@@ -88,15 +88,23 @@ def bench_loader(name: str, images, labels, batch_size: int, workers: int | None
 
 
 def training_step(
-    model_name: str, device: torch.device, *, total_steps: int, steps_per_epoch: int | None = None, graphed=False
+    model_name: str,
+    device: torch.device,
+    *,
+    total_steps: int,
+    steps_per_epoch: int | None = None,
+    graphed=False,
+    compile_mode: str | None = None,
 ) -> TrainStep:
     """`python -m train`'s step (train/step.py: bf16 autocast on CUDA, SGD as the default config, onecycle over
-    `total_steps`) on a fresh channels_last `model_name`; at most `steps_per_epoch` steps between `begin_epoch`s."""
+    `total_steps`) on a fresh channels_last `model_name`; at most `steps_per_epoch` steps between `begin_epoch`s.
+    `compile_mode`: the network under torch.compile(mode=...), as `python -m train --compile` runs it."""
     net = models.build(model_name).to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, TrainConfig())
     scheduler = make_scheduler(optimizer, TrainConfig(), total_steps=total_steps)
     options = dict(label_smoothing=0.0, amp=True, device=device, graphed=graphed)
-    return TrainStep(net, optimizer, scheduler, steps_per_epoch=steps_per_epoch or total_steps, **options)
+    model = torch.compile(net, mode=compile_mode) if compile_mode else net
+    return TrainStep(model, optimizer, scheduler, steps_per_epoch=steps_per_epoch or total_steps, **options)
 
 
 def _resident_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +113,20 @@ def _resident_batch(batch_size: int, device: torch.device) -> tuple[torch.Tensor
 
 
 def bench_model(
-    model_name: str, batch_size: int, device, repeats: int, steps: int, graphed=False, warmup=WARMUP_BATCHES
+    model_name: str,
+    batch_size: int,
+    device,
+    repeats: int,
+    steps: int,
+    graphed=False,
+    warmup=WARMUP_BATCHES,
+    compile_mode: str | None = None,
 ) -> Result:
     """Training steps per second on one batch already on the device: the ceiling of every loader. `graphed` replays
-    the step as a CUDA graph; the row's warmup_s is the capture plus `warmup` untimed steps."""
-    step = training_step(model_name, device, total_steps=warmup + repeats * steps, graphed=graphed)
+    the step as a CUDA graph, `compile_mode` runs it under torch.compile; the row's warmup_s is the capture or the
+    compilation plus `warmup` untimed steps."""
+    total = warmup + repeats * steps
+    step = training_step(model_name, device, total_steps=total, graphed=graphed, compile_mode=compile_mode)
     x, y = _resident_batch(batch_size, device)
 
     def run(n: int) -> None:
@@ -123,7 +140,8 @@ def bench_model(
         step.begin_epoch()
         run(warmup)
 
-    kind, warmup_s = "graph" if graphed else "eager", timed(device, warm)
+    kind = f"compile:{compile_mode}" if compile_mode else "graph" if graphed else "eager"
+    warmup_s = timed(device, warm)
     result = Result("model", MODEL_ONLY, batch_size, None, steps * batch_size, step=kind, warmup_s=warmup_s)
     result.seconds = [timed(device, lambda: run(steps)) for _ in range(repeats)]
     return result

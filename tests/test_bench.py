@@ -47,6 +47,8 @@ BENCH = [
     ["--what", "everything"],
     ["--device", "tpu"],
     ["--steps", "warp"],
+    ["--compile-mode", "reduce-overhead"],  # without --compile it would do nothing
+    ["--compile-mode", "fastest"],
     ["--out", ""],  # an unset shell variable: not the current folder
 ]
 
@@ -436,3 +438,14 @@ def test_benchmark_epoch_slice(benchmark, variant, images):
         lambda: bench_epoch(name, "seed", x[:512], y[:512], 128, 1, torch.device("cpu"), repeats=1, warmup=1), rounds=1
     )
     assert result.row()["img_per_s"] > 0
+
+
+def test_bench_compile_measures_a_model_row_under_torch_compile(monkeypatch):
+    import bench.__main__ as bench_main
+
+    seen = []
+    monkeypatch.setattr(bench_main, "bench_model", lambda *a, **k: seen.append(k))
+    args = bench_main.parse_args(["--what", "model", "--compile", "--batch-sizes", "64", "--device", "cpu"])
+    for _, measure in bench_main.plan(args, torch.device("cpu"), [], None, None):
+        measure()
+    assert [(k["graphed"], k["compile_mode"]) for k in seen] == [(False, None), (False, "default")]
