@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.config import ConfigError
+from pipeline.errors import ConfigError
 
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
@@ -22,25 +22,10 @@ TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT_S"
 # as a traceback, before the job started).
 MAX_TIMEOUT_S = 7 * 24 * 3600
 
-# What the process-group backends say when a peer is gone or stopped answering. Read from gloo's
-# transport/tcp/pair.cc and unbound_buffer.cc, torch's ProcessGroupNCCL.cpp (the watchdog) and NCCL's ncclRemoteError
-# text. An error with none of these (a collective mismatch, a CUDA error, a bad argument) is a bug: it keeps its
-# traceback instead of being reported as a lost peer.
-LOST_PEER_MARKERS = (
-    "Connection closed by peer",  # gloo: the peer's socket reached EOF (its process died)
-    "Connection reset by peer",  # gloo "Read error ...: <strerror>", TCPStore
-    "Broken pipe",  # writing to a peer that is gone
-    "Socket closed",  # gloo: a pair already closed by an earlier failure
-    "Socket unexpectedly closed",
-    "Read timeout",  # gloo, synchronous pairs
-    "Write timeout",
-    "Connect timeout",
-    "Timed out waiting",  # gloo: "Timed out waiting <ms>ms for recv|send operation to complete"
-    "Application timeout caused pair closure",  # gloo: what the other operations see after that timeout
-    "Watchdog caught collective operation timeout",  # NCCL: a collective ran past the timeout
-    "NCCL communicator was aborted",  # NCCL: every collective after the watchdog's abort
-    "remote process exited or there was a network error",  # NCCL: ncclRemoteError
-)
+# What gloo (transport/tcp), torch's NCCL watchdog and NCCL's ncclRemoteError say when a peer is gone or stopped
+# answering: closed or reset connections, broken pipes, timeouts, aborted communicators. An error without any of
+# these (a collective mismatch, a CUDA error, a bad argument) is a bug and keeps its traceback.
+LOST_PEER = re.compile(r"by peer|broken pipe|socket (unexpectedly )?closed|timed? ?out|aborted|remote process", re.I)
 
 
 @dataclass
@@ -148,13 +133,13 @@ def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) 
 
 def lost_peer(err: BaseException) -> bool:
     """Whether `err` says that another rank died or stopped answering: a torch store or network error, or a backend
-    error with one of LOST_PEER_MARKERS in its text (or in the text of the error it was raised from)."""
+    error whose text LOST_PEER matches (or in the text of the error it was raised from)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, torch.distributed.DistNetworkError | torch.distributed.DistStoreError):
             return True
-        if isinstance(err, RuntimeError) and any(marker in str(err) for marker in LOST_PEER_MARKERS):
+        if isinstance(err, RuntimeError) and LOST_PEER.search(str(err)):
             return True
         err = err.__cause__ or err.__context__
     return False

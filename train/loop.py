@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
@@ -19,13 +20,27 @@ SYNC_EVERY = 25
 
 
 class Progress(Protocol):
-    """What the epoch loop reports to (the tqdm bar in train/run.py)."""
+    """What the epoch loop reports to (`progress_bar`)."""
 
-    def advance(self) -> None:
+    def update(self, n: int = 1) -> object:
         """One more batch was queued (called every batch; must not read the device)."""
 
-    def show(self, loss: float, acc: float, img_per_s: float) -> None:
+    def set_postfix(self, **numbers: str) -> object:
         """The running numbers, at the sync points."""
+
+
+@contextlib.contextmanager
+def progress_bar(show: bool | None, title: str, total: int) -> Iterator[Progress | None]:
+    """A tqdm bar over `total` batches: always with `show` True, never with False, and with None only when stderr is
+    a terminal (tqdm's own rule), so that a log file gets no redraws."""
+    if show is False:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    disable = None if show is None else False  # None: tqdm's rule, off unless stderr is a terminal
+    with tqdm(total=total, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable) as bar:
+        yield bar
 
 
 def sync(device: torch.device) -> None:
@@ -38,9 +53,9 @@ def train_one_epoch(
     step: TrainStep, loader: Iterable, *, epoch: int, progress: Progress | None = None
 ) -> dict[str, float]:
     """Train for one pass over `loader`, one `step` per batch; returns train_loss, train_acc (a fraction), seconds,
-    img_per_s and images (summed over torchrun ranks). The progress bar advances every batch and its numbers are
-    refreshed every SYNC_EVERY batches. A non-finite loss raises Diverged naming the epoch and the first bad batch
-    (found on the device; read back at those same sync points)."""
+    img_per_s and images (summed over torchrun ranks). The progress bar advances every batch; every SYNC_EVERY
+    batches one read of the device refreshes its numbers and checks that the loss stayed finite (Diverged names the
+    epoch and the first bad batch otherwise)."""
     device = step.device
     step.net.train()
     step.begin_epoch()
@@ -49,29 +64,30 @@ def train_one_epoch(
     for batch, (x, y) in enumerate(loader):
         step(x, y)
         if progress is not None:
-            progress.advance()
+            progress.update()
         if (batch + 1) % SYNC_EVERY == 0:
-            _check_finite(step.first_bad, epoch)
-            if progress is not None:
-                loss, acc, count = step.sums.means()
-                progress.show(loss, acc, count / (time.perf_counter() - start))
-    _check_finite(step.first_bad, epoch)
+            _read_back(step, epoch, progress, start)
     sync(device)
     seconds = time.perf_counter() - start
     step.sums.all_reduce()
-    loss, acc, count = step.sums.means()
-    if progress is not None:
-        progress.show(loss, acc, count / seconds)
+    loss, acc, count = _read_back(step, epoch, progress, start)
     return {"train_loss": loss, "train_acc": acc, "seconds": seconds, "img_per_s": count / seconds, "images": count}
 
 
-def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
-    bad = int(first_bad.item())
+def _read_back(step: TrainStep, epoch: int, progress: Progress | None, start: float) -> tuple[float, float, int]:
+    """(mean loss, accuracy, images) so far, and the non-finite check, from one host read of the device."""
+    sums = step.sums
+    bad, loss, correct, count = torch.stack([step.first_bad.double(), sums.loss, sums.correct, sums.count]).tolist()
     if bad >= 0:
         raise Diverged(
-            f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1}, batch {bad + 1}. "
+            f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1}, batch {int(bad) + 1}. "
             "Lower --lr, or check the data and the augmentation settings."
         )
+    n = max(count, 1)
+    if progress is not None:
+        rate = count / (time.perf_counter() - start)
+        progress.set_postfix(loss=f"{loss / n:.3f}", acc=f"{correct / n:.1%}", img_s=f"{rate:,.0f}")
+    return loss / n, correct / n, int(count)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, amp: bool, tta: str) -> torch.Tensor:
@@ -106,7 +122,7 @@ def evaluate(
         if keep_probabilities:
             kept.append(logits.softmax(1).cpu())
         if progress is not None:
-            progress.advance()
+            progress.update()
     sums.all_reduce()
     loss, acc, count = sums.means()
     result: dict = {"loss": loss, "acc": acc, "count": count}
