@@ -1,11 +1,6 @@
-"""A run's files, written whole or not at all, and its checkpoints: their schema, verification and restore.
-
-Every file a run writes (also from `python -m train.report`) goes through `atomic_write`: a reader sees the old file
-or the new one, never half of one. A checkpoint is read back by `load_checkpoint`: the CRC-32 of every member of
-torch's zip container (a flipped bit anywhere is caught), then `torch.load(weights_only=True)` (data, never code),
-then the types of its fields. `restore` puts it into the state the run built, with load_state_dict(strict=True)
-naming what does not fit.
-"""
+"""A run's files, each written whole or not at all (`atomic_write`), and its checkpoints: their schema (FIELDS),
+verification (`load_checkpoint`: every zip member's CRC-32, then torch.load(weights_only=True), then the fields) and
+restore into the state the run built (`restore`: load_state_dict(strict=True) names what does not fit)."""
 
 from __future__ import annotations
 
@@ -29,9 +24,8 @@ from pipeline.files import os_reason, write_whole
 if TYPE_CHECKING:
     from train.config import TrainConfig
 
-# Test hook, for proving that a kill at any instant leaves a usable folder (tests/test_outputs.py): with
-# TRAIN_TEST_KILL_AFTER=NAME:N:STAGE the process SIGKILLs itself during the N-th write of the file NAME, at STAGE
-# "written" (the temporary is complete, the final name not yet replaced) or "replaced" (the rename is done).
+# Test hook (tests/test_outputs.py): TRAIN_TEST_KILL_AFTER=NAME:N:STAGE SIGKILLs the process in the N-th write of
+# file NAME, at STAGE "written" (the temporary complete, the name not yet replaced) or "replaced" (renamed).
 KILL_ENV = "TRAIN_TEST_KILL_AFTER"
 # The checkpoint's schema: its keys (`contents` fills them) and the type of each.
 FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -46,7 +40,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "commands": list,
     "rng": dict,
 }
-ADVICE = "Resume from another checkpoint, or start a new run in another --out (or with --overwrite)."
+ADVICE = "Start a new run in another --out, or in this one with --overwrite."
 
 
 @dataclass
@@ -62,8 +56,8 @@ class RunState:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` whole or not at all (pipeline/files.py `write_whole`), with the KILL_ENV test hook. Raises
-    OutputError when the operating system refuses (no space, read-only, ...); other exceptions propagate."""
+    """Write `path` whole or not at all (pipeline/files.py `write_whole`). Raises OutputError when the operating
+    system refuses (no space, read-only, ...); other exceptions propagate."""
     path = Path(path)
     try:
         write_whole(path, write, at_stage=lambda stage: _test_kill(path.name, stage))
@@ -131,10 +125,6 @@ def load_checkpoint(path: Path, advice: str = ADVICE) -> dict:
             raise CheckpointError(f"not a checkpoint of this tool: {problem}")
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}. {advice}") from None
-    except zipfile.BadZipFile as err:
-        raise CheckpointError(
-            f"{path}: truncated or corrupt checkpoint (not a complete zip archive: {err}). {advice}"
-        ) from None
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read ({os_reason(err)}). {advice}") from None
     except pickle.UnpicklingError:
@@ -142,7 +132,7 @@ def load_checkpoint(path: Path, advice: str = ADVICE) -> dict:
             f"{path}: holds objects other than tensors and plain Python data, which torch.load(weights_only=True) "
             f"refuses to run; this tool never writes such a file. {advice}"
         ) from None
-    except Exception as err:  # anything else torch cannot decode: the file is unusable
+    except Exception as err:  # anything else zipfile or torch cannot decode (BadZipFile, ...): the file is unusable
         first_line = (str(err).splitlines() or [""])[0]
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: {first_line}). {advice}"
@@ -157,7 +147,8 @@ def _field_problem(state: object) -> str | None:
         if key not in state:
             return f"it lacks {key}"
         if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
-            return f"its {key} is a {type(state[key]).__name__}, not {kind}"
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            return f"its {key} is {type(state[key]).__name__}, not {names}"
     if not 1 <= state["epoch"] == len(state["history"]):
         return f"its epoch is {state['epoch']} but its history has {len(state['history'])} epochs"
     if any(not isinstance(row, dict) or row.get("epoch") != i + 1 for i, row in enumerate(state["history"])):

@@ -36,9 +36,25 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CUDA_GRAPH = ("auto", "on", "off")
 
 
+# The ranges a number may be in (a flag's `valid`). Finite: an infinite lr or weight decay makes every weight
+# non-finite at the first step, which the flags alone can tell.
+VALID = {
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a finite number > 0": lambda v: 0 < v < math.inf,
+    "a finite number >= 0": lambda v: 0 <= v < math.inf,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def flag(default: Any, help: str, *, resumable: bool = False, **argparse_kwargs: Any) -> Any:
     """A TrainConfig field and its flag: the default, the --help text and argparse's other keywords in one place.
-    `resumable`: the flag may differ between a run and its resumption (it changes nothing the epochs compute)."""
+    `resumable`: the flag may differ between a run and its resumption (it changes nothing the epochs compute);
+    `valid`: the range (VALID) a number must be in."""
     metadata = {"help": help, "resumable": resumable, **argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=list, metadata=metadata)
@@ -47,37 +63,33 @@ def flag(default: Any, help: str, *, resumable: bool = False, **argparse_kwargs:
 
 @dataclass
 class TrainConfig:
-    recipe: str | None = flag(None, "named settings (train/config.py RECIPES) that become the defaults; flags override")
+    recipe: str | None = flag(None, "named settings (train/config.py RECIPES) as defaults; every flag given wins")
     loader: str = flag(
-        "dali", "dali: DALI pipeline (GPU operators on CUDA, else CPU ones); cpu: albumentations", choices=LOADERS
+        "dali", "dali: DALI pipeline (on the GPU where there is one); cpu: albumentations", choices=LOADERS
     )
     model: str = flag("seed", f"network: one of {', '.join(model.model_names())}")
-    epochs: int = flag(60, "training epochs")
-    batch_size: int = flag(128, "global batch size (images per optimizer step, over all torchrun ranks)")
-    lr: float = flag(0.05, "peak learning rate")
+    epochs: int = flag(60, "training epochs", valid="> 0")
+    batch_size: int = flag(128, "global batch size (images per optimizer step, over all torchrun ranks)", valid="> 0")
+    lr: float = flag(0.05, "peak learning rate", valid="a finite number > 0")
     optimizer: str = flag("sgd", "optimizer", choices=OPTIMIZERS)
-    momentum: float = flag(0.9, "SGD momentum (AdamW beta1)")
+    momentum: float = flag(0.9, "SGD momentum (AdamW beta1)", valid="in [0, 1)")
     nesterov: bool = flag(True, "Nesterov momentum for SGD")
-    weight_decay: float = flag(5e-4, "weight decay of conv and linear weights")
+    weight_decay: float = flag(5e-4, "weight decay of conv and linear weights", valid="a finite number >= 0")
     schedule: str = flag("onecycle", "learning-rate schedule, stepped every batch", choices=SCHEDULES)
-    warmup_frac: float = flag(0.2, "fraction of the steps warming up linearly to the peak lr")
-    label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy")
-    ema: float = flag(0.0, "weight EMA decay per step, used for evaluation (0 = off; turns the CUDA graph off)")
+    warmup_frac: float = flag(0.2, "fraction of the steps warming up linearly to the peak lr", valid="in [0, 1)")
+    label_smoothing: float = flag(0.0, "label smoothing of the cross-entropy", valid="in [0, 1)")
+    ema: float = flag(0.0, "weight EMA decay per step, for evaluation (0 = off; no CUDA graph)", valid="in [0, 1)")
     tta: str = flag("none", "test-time augmentation: flip averages an image and its mirror", choices=TTAS)
-    aug: list[str] = flag(
-        [], "override an AugSpec field, e.g. --aug cutout_p=0.3 (repeatable)", action="append", metavar="KEY=VALUE"
-    )
-    val_split: int = flag(0, "hold out N training images and evaluate on them instead of the test set (tuning)")
-    limit_train: int = flag(0, "train on the first N images only (smoke runs); 0 = all")
-    limit_eval: int = flag(0, "evaluate on the first N images of the evaluation split only (smoke runs); 0 = all")
-    data_dir: str | None = flag(
-        None, "folder holding cifar-10-batches-py/; default $CIFAR10_ROOT, else ~/data/cifar10", resumable=True
-    )
+    aug: list[str] = flag([], "set an AugSpec field, e.g. cutout_p=0.3 (repeatable)", action="append", metavar="K=V")
+    val_split: int = flag(0, "hold out N training images and evaluate on them, not the test set", valid=">= 0")
+    limit_train: int = flag(0, "train on the first N images only (smoke runs); 0 = all", valid=">= 0")
+    limit_eval: int = flag(0, "evaluate on the first N images only (smoke runs); 0 = all", valid=">= 0")
+    data_dir: str | None = flag(None, "CIFAR-10's folder (default: $CIFAR10_ROOT, else ~/data/cifar10)", resumable=True)
     download: bool = flag(False, "download and verify the official archive if the data is missing", resumable=True)
     allow_small_data: bool = flag(False, "accept splits smaller than 50,000/10,000 (tests)")
     out: str = flag("runs/latest", "output folder for metrics.json, checkpoints and plots", resumable=True)
     resume: str | None = flag(
-        None, "continue the run in --out (auto: <out>/last.pt) with its settings", resumable=True, metavar="PATH|auto"
+        None, "continue a run with its settings (auto: <out>/last.pt)", resumable=True, metavar="PATH"
     )
     overwrite: bool = flag(False, "allow --out to hold another run's files (they are replaced)", resumable=True)
     seed: int = flag(0, "seed of the order, the augmentations and the weights: an integer in [0, 2**63 - 1]")
@@ -85,7 +97,7 @@ class TrainConfig:
     workers: int | None = flag(
         None,
         "--loader cpu: DataLoader worker processes (0 = the main process; default: every usable core); --loader dali: "
-        "DALI's CPU threads (default: 4 on a GPU, every usable core in DALI's CPU mode); at most 4 per usable core",
+        "DALI's CPU threads (at least 1; default: 4 on a GPU, every usable core in its CPU mode); at most 4 per core",
         resumable=True,
         type=int,
     )
@@ -100,7 +112,7 @@ class TrainConfig:
         "--compile, no --ema)",
         choices=CUDA_GRAPH,
     )
-    eval_every: int = flag(1, "evaluate every N epochs (the last epoch always)")
+    eval_every: int = flag(1, "evaluate every N epochs (the last epoch always)", valid="> 0")
     sync_bn: bool = flag(False, "torchrun on CUDA GPUs: SyncBatchNorm across ranks")
     tensorboard: bool = flag(False, "also log to <out>/tensorboard (needs the [tensorboard] extra)", resumable=True)
     progress: bool | None = flag(None, "progress bars (default: only when stderr is a terminal)", resumable=True)
@@ -131,7 +143,6 @@ RECIPES: dict[str, dict[str, object]] = {
         "cuda_graph": "auto",  # the eager step is launch-bound on a fast GPU (train/step.py); off on the CPU
     },
 }
-RECIPES_HELP = "named settings (see train/config.py RECIPES): they become the defaults; every flag given overrides them"
 
 
 def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
@@ -143,10 +154,10 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
-        kwargs = {k: v for k, v in f.metadata.items() if k != "resumable"}
+        kwargs = {k: v for k, v in f.metadata.items() if k not in ("resumable", "valid")}
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         if f.name == "recipe":
-            kwargs.update(choices=sorted(RECIPES), help=RECIPES_HELP)
+            kwargs["choices"] = sorted(RECIPES)
         elif default is False:
             kwargs["action"] = "store_true"
         elif isinstance(default, bool) or f.name in ("amp", "progress"):
@@ -154,7 +165,7 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         elif type(default) in (int, float):
             kwargs.setdefault("type", type(default))
         kwargs["default"] = default if defaults else argparse.SUPPRESS
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        parser.add_argument(_flag(f.name), **kwargs)
     return parser
 
 
@@ -202,29 +213,18 @@ def parse_config(argv: list[str]) -> TrainConfig:
 def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot work, before any work is done. Raises ConfigError."""
     checks = [
-        (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
-        (cfg.eval_every > 0, f"--eval-every must be > 0, got {cfg.eval_every}"),
         (
-            cfg.cuda_graph != "on" or cfg.optimizer == "sgd",
-            "--cuda-graph on: the captured step implements SGD only; use --optimizer sgd or --cuda-graph off",
-        ),
-        (cfg.cuda_graph != "on" or not cfg.compile, "--cuda-graph on and --compile both capture the step; pick one"),
-        (cfg.batch_size > 0, f"--batch-size must be > 0, got {cfg.batch_size}"),
-        # finite: an infinite lr makes every weight non-finite at the first step, which the flags alone can tell
-        (0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
+            VALID[f.metadata["valid"]](getattr(cfg, f.name)),
+            f"{_flag(f.name)} must be {f.metadata['valid']}, got {getattr(cfg, f.name)}",
+        )
+        for f in dataclasses.fields(TrainConfig)
+        if "valid" in f.metadata
+    ]
+    checks += [
         (
             cfg.model in model.model_names(),
             f"--model {cfg.model!r} is unknown; choose one of {', '.join(model.model_names())}",
         ),
-        (cfg.loader in LOADERS, f"--loader {cfg.loader!r} is unknown; choose one of {', '.join(LOADERS)}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (0 <= cfg.weight_decay < math.inf, f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}"),
-        (0 <= cfg.warmup_frac < 1, f"--warmup-frac must be in [0, 1), got {cfg.warmup_frac}"),
-        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
-        (0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}"),
-        (cfg.val_split >= 0, f"--val-split must be >= 0, got {cfg.val_split}"),
-        (cfg.limit_train >= 0, f"--limit-train must be >= 0, got {cfg.limit_train}"),
-        (cfg.limit_eval >= 0, f"--limit-eval must be >= 0, got {cfg.limit_eval}"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite contradict each other; pick one"),
         # An empty path (an unset shell variable) is refused, not read as the current folder or as no flag at all.
         (cfg.out != "", "--out is empty; give the run's folder (. for the current one)"),

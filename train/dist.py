@@ -9,17 +9,17 @@ import re
 from contextlib import suppress
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.order import Order, epoch_indices
 
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
 TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT_S"
-# The longest timeout taken: a week. Far longer than any collective of this project waits for a healthy peer, and
-# well inside what datetime.timedelta and the backends' millisecond counters hold (a larger number overflowed there,
-# as a traceback, before the job started).
+# The longest timeout taken, a week: far beyond any healthy wait, and inside what the backends' counters hold.
 MAX_TIMEOUT_S = 7 * 24 * 3600
 
 # What gloo (transport/tcp), torch's NCCL watchdog and NCCL's ncclRemoteError say when a peer is gone or stopped
@@ -51,11 +51,24 @@ def log(dist: Dist, message: str) -> None:
         print(message, flush=True)
 
 
+def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarray | None:
+    """float32 [n, classes] probabilities of the whole (unshuffled) evaluation split in order, on rank 0, from each
+    rank's shard (None on the other ranks). Without torchrun the one shard is already everything, in order."""
+    if not dist.enabled:
+        return probabilities.numpy()
+    shards: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(shards, probabilities.numpy())
+    if not dist.is_main:
+        return None
+    full = np.empty((n, probabilities.shape[1]), np.float32)
+    for rank, shard in enumerate(shards):
+        full[epoch_indices(n, 0, Order(shuffle=False, rank=rank, world_size=dist.world_size))] = shard
+    return full
+
+
 def init_distributed(use_cuda: bool) -> Dist:
-    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on the CPU);
-    without those variables this is a single-process run. The collective timeout is $TRAIN_DIST_TIMEOUT_S seconds.
-    Raises ConfigError, before joining, if that timeout is not a positive integer or if torchrun started more
-    processes on this node (LOCAL_WORLD_SIZE) than torch sees GPUs (one GPU per process)."""
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on the CPU), or
+    a single-process run without them. Raises ConfigError, before joining, for variables that cannot be."""
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return Dist()
@@ -80,8 +93,7 @@ def init_distributed(use_cuda: bool) -> Dist:
 
 
 def _env_int(name: str, default: int | None) -> int:
-    """The whole number in environment variable `name` (torchrun's RANK, WORLD_SIZE, ...), `default` when unset.
-    ConfigError (one line) when it is not a whole number, or unset without a default."""
+    """The whole number in environment variable `name`, `default` when unset. Raises ConfigError."""
     text = os.environ.get(name)
     if text is None and default is not None:
         return default
@@ -96,8 +108,7 @@ def _env_int(name: str, default: int | None) -> int:
 
 
 def timeout_s() -> int:
-    """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. ConfigError unless it is a
-    whole number in 1..MAX_TIMEOUT_S."""
+    """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. Raises ConfigError."""
     text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = int(text)
@@ -111,13 +122,9 @@ def timeout_s() -> int:
 
 
 def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) -> None:
-    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank; one
-    all_reduce, once, before training.
-
-    Every rank must run the same number of steps: DDP's gradient all-reduce and SyncBatchNorm's statistics wait for
-    every rank at every step. pipeline.order gives every rank the same number of batches by construction, so DDP
-    needs no Join (which would cost an all-reduce per step, and which PyTorch documents does not support
-    SyncBatchNorm); this checks that promise, and that every node read the same data, instead of trusting it."""
+    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank.
+    DDP and SyncBatchNorm wait for every rank at every step; pipeline.order gives every rank the same number of
+    batches by construction (so DDP needs no Join), and this one all_reduce checks that promise."""
     if not dist.enabled:
         return
     values = torch.tensor([v for value in counts.values() for v in (value, -value)], dtype=torch.int64, device=device)

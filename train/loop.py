@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.errors import Diverged
 from train.step import Sums, TrainStep, autocast
@@ -19,28 +18,11 @@ from train.step import Sums, TrainStep, autocast
 SYNC_EVERY = 25
 
 
-class Progress(Protocol):
-    """What the epoch loop reports to (`progress_bar`)."""
-
-    def update(self, n: int = 1) -> object:
-        """One more batch was queued (called every batch; must not read the device)."""
-
-    def set_postfix(self, **numbers: str) -> object:
-        """The running numbers, at the sync points."""
-
-
-@contextlib.contextmanager
-def progress_bar(show: bool | None, title: str, total: int) -> Iterator[Progress | None]:
-    """A tqdm bar over `total` batches: always with `show` True, never with False, and with None only when stderr is
+def progress_bar(show: bool | None, title: str, total: int) -> tqdm:
+    """A tqdm bar over `total` batches: shown with `show` True, hidden with False, and with None only when stderr is
     a terminal (tqdm's own rule), so that a log file gets no redraws."""
-    if show is False:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    disable = None if show is None else False  # None: tqdm's rule, off unless stderr is a terminal
-    with tqdm(total=total, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable) as bar:
-        yield bar
+    disable = None if show is None else not show
+    return tqdm(total=total, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable)
 
 
 def sync(device: torch.device) -> None:
@@ -49,9 +31,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(
-    step: TrainStep, loader: Iterable, *, epoch: int, progress: Progress | None = None
-) -> dict[str, float]:
+def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int, progress: tqdm | None = None) -> dict[str, float]:
     """Train for one pass over `loader`, one `step` per batch; returns train_loss, train_acc (a fraction), seconds,
     img_per_s and images (summed over torchrun ranks). The progress bar advances every batch; every SYNC_EVERY
     batches one read of the device refreshes its numbers and checks that the loss stayed finite (Diverged names the
@@ -74,7 +54,7 @@ def train_one_epoch(
     return {"train_loss": loss, "train_acc": acc, "seconds": seconds, "img_per_s": count / seconds, "images": count}
 
 
-def _read_back(step: TrainStep, epoch: int, progress: Progress | None, start: float) -> tuple[float, float, int]:
+def _read_back(step: TrainStep, epoch: int, progress: tqdm | None, start: float) -> tuple[float, float, int]:
     """(mean loss, accuracy, images) so far, and the non-finite check, from one host read of the device."""
     sums = step.sums
     bad, loss, correct, count = torch.stack([step.first_bad.double(), sums.loss, sums.correct, sums.count]).tolist()
@@ -108,7 +88,7 @@ def evaluate(
     amp: bool,
     tta: str,
     keep_probabilities: bool = False,
-    progress: Progress | None = None,
+    progress: tqdm | None = None,
 ) -> dict:
     """Loss, accuracy (a fraction) and image count over every image of `loader`, summed over ranks under torchrun.
     tta='flip' averages the logits of each image and its mirror image. With `keep_probabilities`, also

@@ -1,18 +1,6 @@
 """The run folder (--out): one run at a time, checked before any work, written in an order that always leaves a way
-forward.
-
-Rank 0 holds an exclusive `fcntl.flock` on <out>/.lock for the life of the run; the kernel drops it however the
-process ends, so a killed run never blocks the next one. A run resumes only in its own folder. `--overwrite` removes
-the previous run's files when the new run writes its first file, after every input has been checked.
-
-An epoch commits last.pt, then best.pt (when the epoch is the best so far), then metrics.json, the commit record: it
-names the run (run_id), the epoch each checkpoint holds and whether the run finished (predictions.npz and the plots
-come last, then metrics.json once more with "finished": true). Every file is written whole or not at all, so a kill
-at any instant leaves one of: no output at all (the same command starts again); last.pt of epoch k, maybe with
-best.pt and metrics.json one epoch behind (`--resume auto` continues, first copying last.pt to best.pt when epoch k is
-the best); every epoch saved but the run not marked finished (`--resume auto` writes what is missing). Ctrl-C and
-SIGTERM end the run in one line saying what the folder holds and the command that continues it, with exit code
-128 + the signal's number. Temporaries a killed run left (.NAME.xxxxxxxx.partial) are removed by the next run.
+forward. docs/ describes the contract: the lock, the commit order (last.pt, best.pt, then metrics.json, the commit
+record), what a kill at any instant leaves, and what each stop line says.
 """
 
 from __future__ import annotations
@@ -51,29 +39,22 @@ _STALE = re.compile(
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal; the message says what the folder holds and how to continue. `exit_code` is
-    128 + the signal's number (130 for SIGINT, 143 for SIGTERM), what a shell reports for a process the signal
-    killed."""
+    """Stopped by a signal: the message says what the folder holds and how to continue; `exit_code` is 128 + the
+    signal's number (130, 143), what a shell reports for a process the signal killed."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
-class Stop(KeyboardInterrupt):
-    """SIGTERM arrived: the run unwinds as for Ctrl-C (lock released, temporaries removed)."""
-
-    signum = signal.SIGTERM
-
-
 @dataclass
 class RunFolder:
-    """--out as one run owns it. On rank 0 (`owner`) it holds the lock and does every write; other ranks only read.
-    `last_epoch` / `best_epoch`: the epoch <path>/last.pt / best.pt hold for this run (None: no such file of it)."""
+    """--out as one run owns it: rank 0 (`owner`) holds the lock and does every write. `last_epoch` / `best_epoch`:
+    the epoch last.pt / best.pt hold for this run (None: no such file of it)."""
 
     path: Path
     owner: bool
-    epochs: int  # the run's --epochs, for messages
+    epochs: int
     run_id: str = ""
     last_epoch: int | None = None
     best_epoch: int | None = None
@@ -84,8 +65,7 @@ class RunFolder:
     _writing: bool = False
 
     def claim(self) -> None:
-        """Make sure --out is a writable folder, lock it, and remove this tool's stale temporaries from it. Raises
-        ConfigError (file in the way, not writable, locked by another run, lock file replaced by a link)."""
+        """Make --out a writable folder, lock it, and remove this tool's stale temporaries. Raises ConfigError."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path} is a file, not a folder; choose a folder (it is created if missing)")
@@ -113,8 +93,8 @@ class RunFolder:
             raise
 
     def start_new(self, overwrite: bool) -> None:
-        """A new run: a fresh run_id. Refuses (ConfigError) a folder holding another run's files unless `overwrite`;
-        with it, those files stay until this run writes its first file."""
+        """A new run: a fresh run_id. Refuses (ConfigError) another run's files unless `overwrite`; with it, they
+        stay until this run writes its first file."""
         self.run_id = uuid.uuid4().hex
         existing = [name for name in OUTPUT_FILES if os.path.lexists(self.path / name)]
         if existing and not overwrite:
@@ -125,9 +105,9 @@ class RunFolder:
         self._replace = existing
 
     def resume(self, saved: dict, source: Path, best_epoch: int | None) -> None:
-        """Continue the run of checkpoint `saved`, read from `source` in this folder, whose best evaluated epoch is
-        `best_epoch`. Plans the copy that brings best.pt up to it when a kill left best.pt behind last.pt. Raises
-        ConfigError for a checkpoint of another folder, CheckpointError when the run already finished."""
+        """Continue the run of checkpoint `saved`, read from `source` in this folder; when its best epoch is its last,
+        best.pt is brought up to it before the first write (a kill may have left it behind). Raises ConfigError for a
+        checkpoint of another folder, CheckpointError for a damaged best.pt or a run that already finished."""
         if source.resolve().parent != self.path.resolve():
             raise ConfigError(
                 f"--resume {source}: a run continues in its own folder, not in --out {self.path}; use --out "
@@ -153,8 +133,7 @@ class RunFolder:
     # writes (rank 0), in commit order ---------------------------------------------------------------------------------
 
     def commit_epoch(self, checkpoint: dict, metrics: dict, *, best: bool) -> dict:
-        """Write an epoch: last.pt, best.pt if `best`, then metrics.json. Returns the metrics written. Raises
-        OutputError saying what the folder still holds."""
+        """Write an epoch: last.pt, best.pt if `best`, then metrics.json. Returns the metrics written."""
         with self._explained():
             save_checkpoint(checkpoint, self.path / "last.pt")
             self.last_epoch = checkpoint["epoch"]
@@ -164,12 +143,12 @@ class RunFolder:
             return self._save_metrics(metrics, finished=False)
 
     def write_outputs(self, write: Callable[[], object]) -> None:
-        """Run `write` (predictions.npz, the plots: each through atomic_write) as part of this run's writes."""
+        """Run `write` (predictions.npz, the plots) as part of this run's writes."""
         with self._explained():
             write()
 
     def commit_finished(self, metrics: dict) -> dict:
-        """metrics.json, last, with "finished": true: the run's files are complete. Returns the metrics written."""
+        """metrics.json, last, with "finished": true. Returns the metrics written."""
         with self._explained():
             return self._save_metrics(metrics, finished=True)
 
@@ -234,9 +213,8 @@ class RunFolder:
 
 @contextmanager
 def run_folder(out: str | os.PathLike, dist: Dist, epochs: int) -> Iterator[RunFolder]:
-    """--out for the life of the run: claimed (checked, locked, cleaned) on rank 0, released at the end however the
-    run ends. A Ctrl-C or SIGTERM inside becomes `Interrupted`, whose message says what the folder holds. Raises
-    ConfigError when the folder cannot be used (on every rank under torchrun)."""
+    """--out for the life of the run, claimed on rank 0 and released however the run ends. A Ctrl-C or SIGTERM
+    inside becomes `Interrupted`. Raises ConfigError when the folder cannot be used (on every rank)."""
     folder = RunFolder(Path(out), owner=dist.is_main, epochs=epochs)
     on_main(dist, folder.claim)
     try:
@@ -255,9 +233,8 @@ def run_folder(out: str | os.PathLike, dist: Dist, epochs: int) -> Iterator[RunF
 
 
 def on_main(dist: Dist, fn: Callable, *args: object) -> object:
-    """`fn(*args)` on rank 0 only. Under torchrun every rank then raises the error rank 0 raised (ConfigError with
-    the same message elsewhere), so that no rank waits for the others until the collective timeout. Returns fn's
-    result on rank 0, None on the others."""
+    """`fn(*args)` on rank 0; every rank then raises the error rank 0 raised (as a ConfigError elsewhere), so that no
+    rank waits for the others until the collective timeout. Returns fn's result on rank 0, None elsewhere."""
     error, result = None, None
     if dist.is_main:
         try:
@@ -276,8 +253,8 @@ def on_main(dist: Dist, fn: Callable, *args: object) -> object:
 
 @contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM (what schedulers send) raises `Stop` in the main thread, as Ctrl-C raises KeyboardInterrupt, so that a
-    stopped run unwinds and says what it saved. No-op off the main thread, where Python cannot install handlers."""
+    """SIGINT and SIGTERM (what schedulers send) raise KeyboardInterrupt in the main thread, so that a stopped run
+    unwinds and says what it saved. No-op off the main thread, where Python cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -296,7 +273,9 @@ def _on_stop(signum: int, frame: object) -> None:
     # report each as a failed worker. The run is stopping anyway: their ends are left to the loader's shutdown.
     # (A Python no-op, not SIG_DFL, which would report a pending SIGCHLD as "ignored due to race condition".)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    raise Stop() if signum == signal.SIGTERM else KeyboardInterrupt()
+    stop = KeyboardInterrupt()
+    stop.signum = signum  # type: ignore[attr-defined]
+    raise stop
 
 
 def _take_lock(folder: Path) -> int:

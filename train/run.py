@@ -17,37 +17,19 @@ import torch
 from torch import nn
 
 import model as models
-from pipeline import Loader, Order, make_loader
-from pipeline.data import download, load_cifar10, resolve_root
+from pipeline import Loader
 from pipeline.errors import ConfigError
-from pipeline.order import batch_sizes, check_every_rank_has_an_image, epoch_indices
+from pipeline.order import batch_sizes
 from train import wall_seconds
 from train.checkpoint import RunState, contents, load_checkpoint, restore, rng_state, set_rng_state
 from train.config import TrainConfig, check_hardware, cuda_graph_blockers, make_config, parse_flags, resolve_auto
-from train.dist import Dist, init_distributed, log, ranks_in_sync, require_agreement
+from train.data import Data, eval_split, load_data, make_eval_loader, make_train_loader, rank_order
+from train.dist import Dist, gather_in_order, init_distributed, log, ranks_in_sync, require_agreement
 from train.loop import evaluate, progress_bar, sync, train_one_epoch, tta_logits
 from train.optim import make_optimizer, make_scheduler
 from train.outdir import RunFolder, on_main, run_folder
 from train.provenance import environment
 from train.step import TrainStep, autocast
-
-# Images held out by --val-split are always the same ones (this seed), whatever --seed says, so that runs with
-# different seeds are compared on one validation set.
-VAL_SPLIT_SEED = 20260101
-EVAL_BATCH_SIZE = 1000  # evaluation has no backward pass: larger batches, same numbers
-
-
-@dataclass
-class Data:
-    """uint8 NHWC images and int64 labels; `eval_name` is "test", or "val" for a held-out validation split."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    eval_x: np.ndarray
-    eval_y: np.ndarray
-    eval_name: str
-    root: Path  # the folder the data was read from, resolved (flag, $CIFAR10_ROOT or the default)
-    eval_total: int  # images in the evaluation split before --limit-eval
 
 
 @dataclass
@@ -89,9 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = setup(cfg, dist, device, folder, saved, source)
             run.state.commands.append({"command": shlex.join(["python", "-m", "train", *argv]), "wall_seconds": 0.0})
             metrics = train(run)
-        if dist.enabled:
-            # No rank tears its connections down while another still talks to it (gloo can abort the process
-            # otherwise). Only on success: after a failure the others may be gone, and this would wait for them.
+        if dist.enabled:  # no rank leaves while another still talks to it (only on success: the others may be gone)
             torch.distributed.barrier()
         return metrics
     finally:
@@ -105,18 +85,7 @@ def setup(
     """Data, loaders, network, optimizer, schedule (restored from `saved` when resuming) and the training step."""
     data = load_data(cfg, dist)
     torch.manual_seed(cfg.seed)
-    train_loader = make_loader(
-        cfg.loader,
-        data.train_x,
-        data.train_y,
-        cfg.batch_size // dist.world_size,
-        spec=cfg.aug_spec(),
-        train=True,
-        order=rank_order(cfg, dist),
-        device=device,
-        workers=cfg.workers,
-    )
-    eval_loader = make_eval_loader(cfg, data, device, dist)
+    train_loader, eval_loader = make_train_loader(cfg, data, device, dist), make_eval_loader(cfg, data, device, dist)
     # every rank runs the same number of steps (so DDP needs no Join), and every node read the same data: checked
     counts = {"training images": len(data.train_x), "evaluation images": len(data.eval_x), "batches": len(train_loader)}
     require_agreement(counts, device, dist)
@@ -206,11 +175,6 @@ def resolve_device(choice: str, dist: Dist) -> torch.device:
     return torch.device("cuda", dist.local_rank)
 
 
-def eval_split(cfg: TrainConfig) -> str:
-    """The name of the evaluation split in metrics: "val" for a held-out --val-split, else "test"."""
-    return "val" if cfg.val_split else "test"
-
-
 def best_epoch(history: list[dict], eval_name: str) -> int | None:
     """The evaluated epoch (1-based) with the highest accuracy, the earliest of equals: the one best.pt holds. None
     before the first evaluation (--eval-every)."""
@@ -221,72 +185,11 @@ def best_epoch(history: list[dict], eval_name: str) -> int | None:
     return best
 
 
-def load_data(cfg: TrainConfig, dist: Dist) -> Data:
-    """Train and evaluation arrays after --val-split (the evaluation split is then the held-out images),
-    --limit-train and --limit-eval. Raises ConfigError for a limit beyond its split, DataError for bad data."""
-    root = resolve_root(cfg.data_dir)
-    log(dist, f"reading CIFAR-10 from {root}...")
-    if cfg.download:
-        if dist.is_main:
-            download(root)
-        if dist.enabled:
-            torch.distributed.barrier()
-    train_x, train_y, test_x, test_y = load_cifar10(root, allow_small=cfg.allow_small_data)
-    if cfg.val_split:
-        if cfg.val_split >= len(train_x):
-            raise ConfigError(f"--val-split {cfg.val_split} leaves no training images (the split has {len(train_x)})")
-        order = np.random.default_rng(VAL_SPLIT_SEED).permutation(len(train_x))
-        held, kept = order[: cfg.val_split], np.sort(order[cfg.val_split :])
-        train_x, train_y, test_x, test_y = train_x[kept], train_y[kept], train_x[held], train_y[held]
-    eval_total = len(test_x)
-    # refused, not clamped: the run would record a limit it did not honour
-    for name, limit, images in (("train", cfg.limit_train, len(train_x)), ("eval", cfg.limit_eval, eval_total)):
-        if limit > images:
-            raise ConfigError(f"--limit-{name} {limit} is more than the {images} images of its split; use at most that")
-    if cfg.limit_train:
-        train_x, train_y = train_x[: cfg.limit_train], train_y[: cfg.limit_train]
-    if cfg.limit_eval:
-        test_x, test_y = test_x[: cfg.limit_eval], test_y[: cfg.limit_eval]
-    try:  # a rank without a single training image would have nothing to step on: refused before any loader
-        check_every_rank_has_an_image(len(train_x), Order(world_size=dist.world_size))
-    except ValueError as err:
-        raise ConfigError(f"training split (after --val-split and --limit-train): {err}") from None
-    if cfg.batch_size > len(train_x):
-        # refused, not clipped: a clipped batch would not be the batch size recorded, nor the one the lr was chosen for
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} is more than the {len(train_x)} training images (after --val-split and "
-            f"--limit-train): an epoch would be one smaller batch; use --batch-size {len(train_x)} or less"
-        )
-    return Data(train_x, train_y, test_x, test_y, eval_split(cfg), root.resolve(), eval_total)
-
-
-def rank_order(cfg: TrainConfig, dist: Dist, *, shuffle: bool = True) -> Order:
-    """This rank's shard and order: reshuffled each epoch from --seed for training, in order for evaluation."""
-    return Order(seed=cfg.seed, shuffle=shuffle, rank=dist.rank, world_size=dist.world_size)
-
-
-def make_eval_loader(cfg: TrainConfig, data: Data, device: torch.device, dist: Dist) -> Loader:
-    """The evaluation split in order, normalized only; this rank's shard (evaluate sums over ranks)."""
-    return make_loader(
-        cfg.loader,
-        data.eval_x,
-        data.eval_y,
-        min(EVAL_BATCH_SIZE, len(data.eval_x)),
-        spec=cfg.aug_spec(),
-        train=False,
-        order=rank_order(cfg, dist, shuffle=False),
-        device=device,
-        workers=cfg.workers,
-    )
-
-
 def warm_up(run: Run, epoch: int) -> float:
-    """Run every shape the timed loop will see once, outside the timing: the first training batch of `epoch` and
-    every other batch size of the epoch (the last batch may be smaller, or one image larger under torchrun) forward
-    and backward (with a CUDA-graph step, the first batch's shape is captured instead), and the evaluation batches.
-    This is where kernels are picked, DALI allocates and torch.compile compiles. Weights, BatchNorm statistics,
-    optimizer and random state are put back, so the run computes what it would have without it. Uses the network
-    without DDP (the ranks' last batches may differ). Returns the seconds it took."""
+    """Run every batch shape of `epoch` once outside the timing (captured as a CUDA graph, or forward and backward),
+    and the evaluation batches: kernels are picked, DALI allocates, torch.compile compiles. Weights, optimizer and
+    random state are put back afterwards. The network runs without DDP (the ranks' last batches may differ).
+    Returns the seconds it took."""
     cfg, step, net, device = run.cfg, run.step, run.net, run.step.device
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     rng = rng_state(device)
@@ -347,14 +250,8 @@ def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
         with progress_bar(show, f"evaluating on {name}", len(run.eval_loader)) as bar:
             kwargs = {"device": run.step.device, "amp": bool(cfg.amp), "tta": cfg.tta, "progress": bar}
             evaluated = evaluate(run.eval_net, run.eval_loader, keep_probabilities=last, **kwargs)
-        row.update(
-            {
-                f"{name}_loss": evaluated["loss"],
-                f"{name}_acc": evaluated["acc"],
-                f"{name}_images": evaluated["count"],
-                "eval_seconds": time.perf_counter() - start,
-            }
-        )
+        row |= {f"{name}_{k}": evaluated[k] for k in ("loss", "acc")} | {f"{name}_images": evaluated["count"]}
+        row["eval_seconds"] = time.perf_counter() - start
         limited = f" of {data.eval_total:,} images: --limit-eval" if cfg.limit_eval else " images"
         count = f"{evaluated['count']:,}{limited}"
         summary += f" | {name} loss {evaluated['loss']:.4f} acc {evaluated['acc']:.2%} ({count})"
@@ -362,21 +259,6 @@ def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
             probabilities = gather_in_order(evaluated["probabilities"], len(data.eval_x), dist)
     log(dist, f"{summary} | {stats['seconds']:.1f}s, {stats['img_per_s']:,.0f} img/s")
     return row, probabilities
-
-
-def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarray | None:
-    """float32 [n, classes] probabilities of the whole (unshuffled) evaluation split in order, on rank 0, from each
-    rank's shard (None on the other ranks). Without torchrun the one shard is already everything, in order."""
-    if not dist.enabled:
-        return probabilities.numpy()
-    shards: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(shards, probabilities.numpy())
-    if not dist.is_main:
-        return None
-    full = np.empty((n, probabilities.shape[1]), np.float32)
-    for rank, shard in enumerate(shards):
-        full[epoch_indices(n, 0, Order(shuffle=False, rank=rank, world_size=dist.world_size))] = shard
-    return full
 
 
 def fixed_metrics(run: Run, warmup_seconds: float) -> dict:
