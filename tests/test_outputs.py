@@ -250,7 +250,8 @@ def test_overwrite_leaves_no_file_of_the_old_run(finished, tiny_cifar, tmp_path,
 
 # --- kind 2: whole files, in an order that always leaves a way forward ----------------------------------------------
 
-# Kill points (TRAIN_TEST_KILL_AFTER=NAME:N:STAGE, train/checkpoint.py) of a 2-epoch run whose second epoch is its
+# Kill points (NAME:N:STAGE: SIGKILL in the N-th write of file NAME, at STAGE "written", the temporary complete, or
+# "replaced", the name replaced; see KILLING) of a 2-epoch run whose second epoch is its
 # best. Writes in order: last.pt 1, best.pt 1, metrics.json 1, last.pt 2, best.pt 2, metrics.json 2, predictions.npz,
 # curves.png, confusion.png, misclassified.png, metrics.json 3 (finished).
 KILL_POINTS = [
@@ -266,6 +267,24 @@ KILL_POINTS = [
 ]
 
 
+KILLING = """
+import os, signal, sys
+from collections import Counter
+import train.checkpoint
+from train.__main__ import cli
+name, count, stage = sys.argv[1].rsplit(":", 2)
+write, writes = train.checkpoint.write_whole, Counter()  # every file of a run is written through it
+def killing(path, fill, at_stage=None):
+    def at(reached):
+        writes[os.path.basename(path), reached] += 1
+        if (os.path.basename(path), reached) == (name, stage) and writes[name, reached] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return write(path, fill, at_stage=at)
+train.checkpoint.write_whole = killing
+sys.exit(cli(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, tiny_cifar, tmp_path, point):
@@ -273,7 +292,8 @@ def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, 
     accuracy = [e["test_acc"] for e in reference["epochs"]]
     assert accuracy[1] > accuracy[0]  # the premise of "best.pt:2": the last epoch is the best
     out = tmp_path / "run"
-    killed = run_train(*small_run_args(tiny_cifar, out, *ARGS), env={"TRAIN_TEST_KILL_AFTER": point})
+    command = [sys.executable, "-c", KILLING, point, *small_run_args(tiny_cifar, out, *ARGS)]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if point.endswith(":written"):
         assert temporaries(out)  # the kill left a half-written temporary (and no half-written output)
@@ -529,28 +549,30 @@ def argparse_namespace():
     return argparse.Namespace(seed=1)
 
 
-@pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_a_damaged_checkpoint_is_refused_in_one_line_before_the_data(halfway, tmp_path, case, refused, no_data_reading):
-    make, message = CORRUPTIONS[case]
+def _refused_resume(refused, halfway: Path, tmp_path: Path, make) -> str:
+    """`--resume auto --out` a copy of `halfway` whose last.pt `make` wrote: the one error line, and nothing changed."""
     out = copy_of(halfway, tmp_path)
     make(halfway / "last.pt", out / "last.pt")
     before = snapshot(out)
     line = refused(train_cli, ["--resume", "auto", "--out", str(out)])
-    assert line.startswith(f"error: {out / 'last.pt'}: ") and message in line, line
-    assert line.endswith("."), line  # what is wrong and what to do, never cut off mid-sentence
     assert snapshot(out) == before  # a refused run changes nothing
+    # which file, what is wrong and what to do, never cut off mid-sentence
+    assert line.startswith(f"error: {out / 'last.pt'}: ") and line.endswith("."), line
+    return line
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_the_data(halfway, tmp_path, case, refused, no_data_reading):
+    make, message = CORRUPTIONS[case]
+    assert message in _refused_resume(refused, halfway, tmp_path, make)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(MISFITS))
 def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(halfway, tmp_path, case, refused):
     make, message = MISFITS[case]
-    out = copy_of(halfway, tmp_path)
-    make(halfway / "last.pt", out / "last.pt")
-    before = snapshot(out)
-    line = refused(train_cli, ["--resume", "auto", "--out", str(out)])
-    assert line.startswith(f"error: {out / 'last.pt'}: does not fit the run") and message in line, line
-    assert snapshot(out) == before
+    line = _refused_resume(refused, halfway, tmp_path, make)
+    assert "does not fit the run these settings build" in line and message in line, line
 
 
 def test_a_damaged_best_checkpoint_in_the_folder_is_refused(halfway, tmp_path, refused, no_data_reading):

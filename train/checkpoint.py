@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import zipfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +22,6 @@ from pipeline.files import os_reason, write_whole
 if TYPE_CHECKING:
     from train.config import TrainConfig
 
-# Test hook (tests/test_outputs.py): TRAIN_TEST_KILL_AFTER=NAME:N:STAGE SIGKILLs the process in the N-th write of
-# file NAME, at STAGE "written" (the temporary complete, the name not yet replaced) or "replaced" (renamed).
-KILL_ENV = "TRAIN_TEST_KILL_AFTER"
 # The checkpoint's schema: its keys (`contents` fills them) and the type of each.
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "run_id": str,
@@ -58,25 +53,10 @@ class RunState:
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write `path` whole or not at all (pipeline/files.py `write_whole`). Raises OutputError when the operating
     system refuses (no space, read-only, ...); other exceptions propagate."""
-    path = Path(path)
     try:
-        write_whole(path, write, at_stage=lambda stage: _test_kill(path.name, stage))
+        write_whole(path, write)
     except OSError as err:
         raise OutputError(f"could not write {path} ({os_reason(err)})", err.errno) from None
-
-
-_writes: Counter[str] = Counter()
-
-
-def _test_kill(name: str, stage: str) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    if stage == "written":
-        _writes[name] += 1
-    want_name, count, want_stage = spec.rsplit(":", 2)
-    if (name, stage) == (want_name, want_stage) and _writes[name] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_json(obj: object, path: Path) -> None:

@@ -18,11 +18,11 @@ from train.step import Sums, TrainStep, autocast
 SYNC_EVERY = 25
 
 
-def progress_bar(show: bool | None, title: str, total: int) -> tqdm:
-    """A tqdm bar over `total` batches: shown with `show` True, hidden with False, and with None only when stderr is
-    a terminal (tqdm's own rule), so that a log file gets no redraws."""
+def progress_bar(show: bool | None, title: str, loader: Iterable) -> tqdm:
+    """`loader` with a tqdm bar that advances every batch: shown with `show` True, hidden with False, and with None
+    only when stderr is a terminal (tqdm's own rule), so that a log file gets no redraws."""
     disable = None if show is None else not show
-    return tqdm(total=total, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable)
+    return tqdm(loader, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable)
 
 
 def sync(device: torch.device) -> None:
@@ -33,9 +33,9 @@ def sync(device: torch.device) -> None:
 
 def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int, progress: tqdm | None = None) -> dict[str, float]:
     """Train for one pass over `loader`, one `step` per batch; returns train_loss, train_acc (a fraction), seconds,
-    img_per_s and images (summed over torchrun ranks). The progress bar advances every batch; every SYNC_EVERY
-    batches one read of the device refreshes its numbers and checks that the loss stayed finite (Diverged names the
-    epoch and the first bad batch otherwise)."""
+    img_per_s and images (summed over torchrun ranks). Every SYNC_EVERY batches one read of the device checks that
+    the loss stayed finite (Diverged names the epoch and the first bad batch otherwise) and shows the running numbers
+    on the `progress` bar."""
     device = step.device
     step.net.train()
     step.begin_epoch()
@@ -43,8 +43,6 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int, progress: 
     start = time.perf_counter()
     for batch, (x, y) in enumerate(loader):
         step(x, y)
-        if progress is not None:
-            progress.update()
         if (batch + 1) % SYNC_EVERY == 0:
             _read_back(step, epoch, progress, start)
     sync(device)
@@ -88,7 +86,6 @@ def evaluate(
     amp: bool,
     tta: str,
     keep_probabilities: bool = False,
-    progress: tqdm | None = None,
 ) -> dict:
     """Loss, accuracy (a fraction) and image count over every image of `loader`, summed over ranks under torchrun.
     tta='flip' averages the logits of each image and its mirror image. With `keep_probabilities`, also
@@ -101,8 +98,6 @@ def evaluate(
         sums.add(F.cross_entropy(logits, y), logits, y)
         if keep_probabilities:
             kept.append(logits.softmax(1).cpu())
-        if progress is not None:
-            progress.update()
     sums.all_reduce()
     loss, acc, count = sums.means()
     result: dict = {"loss": loss, "acc": acc, "count": count}

@@ -89,17 +89,8 @@ def setup(
     # every rank runs the same number of steps (so DDP needs no Join), and every node read the same data: checked
     counts = {"training images": len(data.train_x), "evaluation images": len(data.eval_x), "batches": len(train_loader)}
     require_agreement(counts, device, dist)
-    net = models.build(cfg.model).to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if dist.enabled and cfg.sync_bn:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    optimizer = make_optimizer(net, cfg)
-    ema = None
-    if cfg.ema:
-        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
-        ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema_fn, use_buffers=True)
-    state = RunState(net, optimizer, make_scheduler(optimizer, cfg, cfg.epochs * len(train_loader)), ema)
+    state = build_state(cfg, device, dist, total_steps=cfg.epochs * len(train_loader))
+    net, ema = state.net, state.ema
     if saved is not None and source is not None:
         restore(state, saved, source, device)
         log(dist, f"resuming {source} after epoch {len(state.history)}")
@@ -113,7 +104,7 @@ def setup(
     graphed = cfg.cuda_graph != "off" and not cuda_graph_blockers(cfg, device, dist)
     step = TrainStep(
         train_net,
-        optimizer,
+        state.optimizer,
         state.scheduler,
         steps_per_epoch=len(train_loader),
         label_smoothing=cfg.label_smoothing,
@@ -124,6 +115,22 @@ def setup(
     )
     eval_net = ema.module if ema is not None else inner
     return Run(cfg, dist, folder, data, train_loader, eval_loader, state, step, eval_net, inner)
+
+
+def build_state(cfg: TrainConfig, device: torch.device, dist: Dist, *, total_steps: int) -> RunState:
+    """A fresh network (channels_last, SyncBatchNorm under torchrun if asked), its optimizer, lr schedule over
+    `total_steps` and weight EMA: what `restore` loads a checkpoint into."""
+    net = models.build(cfg.model).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if dist.enabled and cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = make_optimizer(net, cfg)
+    ema = None
+    if cfg.ema:
+        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)
+        ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=ema_fn, use_buffers=True)
+    return RunState(net, optimizer, make_scheduler(optimizer, cfg, total_steps), ema)
 
 
 def train(run: Run) -> dict:
@@ -235,8 +242,8 @@ def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
     first_step = scheduler.last_epoch
     run.train_loader.set_epoch(epoch)
     show = cfg.progress if dist.is_main else False
-    with progress_bar(show, f"epoch {epoch + 1}/{cfg.epochs}", len(run.train_loader)) as bar:
-        stats = train_one_epoch(run.step, run.train_loader, epoch=epoch, progress=bar)
+    with progress_bar(show, f"epoch {epoch + 1}/{cfg.epochs}", run.train_loader) as bar:
+        stats = train_one_epoch(run.step, bar, epoch=epoch, progress=bar)
     steps = range(first_step, scheduler.last_epoch)
     lr = scheduler.base_lrs[0] * sum(scheduler.lr_lambdas[0](i) for i in steps) / max(len(steps), 1)
     row = {"epoch": epoch + 1, **stats, "lr": lr}  # the epoch's mean learning rate
@@ -247,9 +254,10 @@ def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
     if last or (epoch + 1) % cfg.eval_every == 0:
         sync(run.step.device)
         start = time.perf_counter()
-        with progress_bar(show, f"evaluating on {name}", len(run.eval_loader)) as bar:
-            kwargs = {"device": run.step.device, "amp": bool(cfg.amp), "tta": cfg.tta, "progress": bar}
-            evaluated = evaluate(run.eval_net, run.eval_loader, keep_probabilities=last, **kwargs)
+        with progress_bar(show, f"evaluating on {name}", run.eval_loader) as bar:
+            evaluated = evaluate(
+                run.eval_net, bar, device=run.step.device, amp=bool(cfg.amp), tta=cfg.tta, keep_probabilities=last
+            )
         row |= {f"{name}_{k}": evaluated[k] for k in ("loss", "acc")} | {f"{name}_images": evaluated["count"]}
         row["eval_seconds"] = time.perf_counter() - start
         limited = f" of {data.eval_total:,} images: --limit-eval" if cfg.limit_eval else " images"
