@@ -70,7 +70,9 @@ class TrainConfig:
     model: str = flag("seed", f"network: one of {', '.join(model.model_names())}")
     epochs: int = flag(60, "training epochs", valid="> 0")
     batch_size: int = flag(128, "global batch size (images per optimizer step, over all torchrun ranks)", valid="> 0")
-    lr: float = flag(0.05, "peak learning rate", valid="a finite number > 0")
+    lr: float = flag(
+        0.05, "peak learning rate (metrics.json's per-epoch lr is the epoch's mean)", valid="a finite number > 0"
+    )
     optimizer: str = flag("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = flag(0.9, "SGD momentum (AdamW beta1)", valid="in [0, 1)")
     nesterov: bool = flag(True, "Nesterov momentum for SGD")
