@@ -156,7 +156,7 @@ def test_a_refusal_through_the_real_command_is_one_line(args, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--sync-bn"], "--sync-bn: torch's SyncBatchNorm needs CUDA GPUs"),
+        (["--sync-bn"], "--sync-bn: torch's SyncBatchNorm has no CPU implementation"),
         (["--compile", "--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead replays CUDA graphs"),
         (["--amp"], "--amp (bf16 autocast) works on CUDA only"),
     ],
@@ -344,7 +344,7 @@ def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **f
     "device, world_size, bf16, flags, message",
     [
         ("cuda", 1, True, {"sync_bn": True}, "--sync-bn synchronizes BatchNorm across torchrun ranks and does nothing"),
-        ("cpu", 2, True, {"sync_bn": True}, "--sync-bn: torch's SyncBatchNorm needs CUDA GPUs"),
+        ("cpu", 2, True, {"sync_bn": True}, "--sync-bn: torch's SyncBatchNorm has no CPU implementation"),
         ("cuda", 1, False, {"amp": True}, "--amp: this GPU has no native bf16"),
         ("cpu", 1, True, {"amp": True}, "--amp (bf16 autocast) works on CUDA only"),
         ("cpu", 1, True, {"compile": True, "compile_mode": "reduce-overhead"}, "replays CUDA graphs"),

@@ -260,7 +260,10 @@ def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
     on_cpu = device.type != "cuda"
     blockers = cuda_graph_blockers(cfg, device, dist)
     checks = [
-        (not (cfg.sync_bn and on_cpu), "--sync-bn: torch's SyncBatchNorm needs CUDA GPUs; drop --sync-bn"),
+        (
+            not (cfg.sync_bn and on_cpu),
+            "--sync-bn: torch's SyncBatchNorm has no CPU implementation (it needs CUDA GPUs); drop --sync-bn",
+        ),
         (
             not cfg.sync_bn or dist.enabled,
             "--sync-bn synchronizes BatchNorm across torchrun ranks and does nothing in a single process; drop it",
