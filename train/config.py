@@ -1,10 +1,5 @@
 """Training configuration: every flag declared once, as a TrainConfig field with its help text; named recipes.
-
-Precedence, last wins: the field defaults, the recipe, the flags given. A resumed run starts from its checkpoint's
-settings instead, and a flag given beside --resume must agree with them unless it only says where things go or how
-they are shown (`resumable` in the field's metadata). `validate` refuses values that cannot work (the flags alone);
-`check_hardware` refuses what this device or torchrun world cannot run.
-"""
+Precedence, last wins: the defaults (a resumed run: its checkpoint's settings), the recipe, the flags given."""
 
 from __future__ import annotations
 
@@ -148,8 +143,8 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
-    """The parser of `python -m train`, one flag per TrainConfig field. Without `defaults`, every default is
-    suppressed: the namespace then holds only the flags given."""
+    """The parser of `python -m train`, one flag per TrainConfig field; without `defaults`, it returns only the
+    flags given."""
     parser = OneLineParser(
         prog="python -m train",
         description="Train a small CIFAR-10 network, fed by the DALI GPU loader or the albumentations CPU loader.",
@@ -172,8 +167,7 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_flags(argv: list[str]) -> tuple[dict[str, Any], set[str]]:
-    """(every field's value: defaults, the recipe, the flags given; the names of the fields given on the command
-    line). argparse errors exit with code 2 and one line."""
+    """(every field's value, the names of the fields given on the command line). Bad flags exit 2, in one line."""
     recipe_parser = OneLineParser(add_help=False)
     recipe_parser.add_argument("--recipe", choices=sorted(RECIPES))
     recipe = recipe_parser.parse_known_args(argv)[0].recipe  # the last --recipe given, as in the full parse
@@ -187,8 +181,8 @@ def parse_flags(argv: list[str]) -> tuple[dict[str, Any], set[str]]:
 def make_config(
     values: dict[str, Any], given: set[str], saved: dict | None = None, source: Path | None = None
 ) -> TrainConfig:
-    """The validated TrainConfig of parsed flags; with `saved` (a checkpoint's config, read from `source`), that
-    config with the given flags on top. Raises CheckpointError if a given flag changes what the epochs compute."""
+    """The validated TrainConfig of parsed flags, or of checkpoint config `saved` (read from `source`) with the
+    flags given on top. Raises CheckpointError if a given flag changes what the epochs compute."""
     if saved is not None:
         names = {f.name: f for f in dataclasses.fields(TrainConfig)}
         differ = [
@@ -253,8 +247,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def check_hardware(cfg: TrainConfig, device: torch.device, dist: Dist) -> None:
-    """Refuse the settings that this device (train.run.resolve_device) and this torchrun world cannot run, before
-    any data is read. Raises ConfigError, or DaliUnavailable for --loader dali on a machine without DALI."""
+    """Refuse what this device and torchrun world cannot run, before any data is read. Raises ConfigError, or
+    DaliUnavailable for --loader dali without DALI."""
     import torch
 
     on_cpu = device.type != "cuda"
@@ -314,8 +308,7 @@ def cuda_graph_blockers(cfg: TrainConfig, device: torch.device, dist: Dist) -> l
 
 
 def resolve_auto(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """`cfg` with --amp made concrete for `device`, as metrics.json and checkpoints record it: bf16 autocast on a
-    CUDA GPU that does bf16 natively, float32 elsewhere."""
+    """`cfg` with --amp made concrete for `device`: on where the GPU does bf16 natively, else off."""
     import torch
 
     if cfg.amp is None:

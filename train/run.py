@@ -1,7 +1,5 @@
-"""`python -m train`: flags, run folder, data, network, warm-up, epochs, predictions and plots. Works under torchrun.
-
-`main` reads top to bottom; `setup` builds the run's objects into one `Run`, and every later phase reads them there.
-"""
+"""`python -m train`: flags, run folder, data, network, warm-up, epochs, predictions and plots; works under torchrun.
+`main` reads top to bottom; `setup` builds the run's objects into one `Run` that every later phase reads."""
 
 from __future__ import annotations
 
@@ -49,8 +47,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run one training job (one rank of it under torchrun) from its command line (sys.argv[1:] if None); returns
-    its metrics (empty on ranks other than 0)."""
+    """Run one training job (one rank under torchrun) from its command line; returns its metrics (empty off rank 0)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     values, given = parse_flags(argv)
     saved, source = None, None
@@ -236,8 +233,8 @@ def warm_up(run: Run, epoch: int) -> float:
 
 
 def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
-    """One epoch of training, then (every --eval-every epochs, and after the last) one evaluation: the epoch's
-    metrics row (also printed), and after the last epoch the class probabilities of the evaluation split (rank 0)."""
+    """One epoch of training, then (every --eval-every epochs, and the last) an evaluation: the epoch's metrics row,
+    and after the last epoch the evaluation split's class probabilities (rank 0)."""
     cfg, dist, data, scheduler = run.cfg, run.dist, run.data, run.state.scheduler
     first_step = scheduler.last_epoch
     run.train_loader.set_epoch(epoch)
@@ -270,8 +267,7 @@ def train_and_evaluate(epoch: int, run: Run) -> tuple[dict, np.ndarray | None]:
 
 
 def fixed_metrics(run: Run, warmup_seconds: float) -> dict:
-    """The metrics.json fields fixed for this command: env, what actually ran where the config leaves it open, and
-    the warm-up and compile seconds."""
+    """metrics.json's fields fixed for this command: env, what actually ran, the warm-up and compile seconds."""
     cfg, step, data, dist = run.cfg, run.step, run.data, run.dist
     resolved = {
         "data_dir": str(data.root),
@@ -293,8 +289,7 @@ def fixed_metrics(run: Run, warmup_seconds: float) -> dict:
 
 
 def run_metrics(run: Run, info: dict) -> dict:
-    """metrics.json's contents for the epochs so far (RunFolder adds run_id, the checkpoints' epochs, finished).
-    wall_seconds sums the run's commands, each of which keeps its own figure in "commands"."""
+    """metrics.json for the epochs so far; wall_seconds sums the run's commands, each with its own figure."""
     history, commands = run.state.history, run.state.commands
     return {
         "config": dataclasses.asdict(run.cfg),
@@ -313,8 +308,7 @@ def run_metrics(run: Run, info: dict) -> dict:
 
 
 def finish(run: Run, info: dict, probabilities: np.ndarray | None) -> dict:
-    """Rank 0, after the last epoch: the summary line, predictions.npz (from the final evaluation), the plots, and
-    metrics.json once more, marked finished. Returns the final metrics."""
+    """Rank 0, at the end: the summary, predictions.npz, the plots, and metrics.json marked finished (returned)."""
     from train.report import save_predictions, write_run_plots
 
     data, folder, out = run.data, run.folder, run.folder.path
