@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "train", *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
-    )
+from runs import run_train, small_run_args
 
 
-def refused_by_train(args: list[str], capsys) -> str:
-    """Run `python -m train ARGS` in this process (no interpreter start: milliseconds); assert it was refused with
-    exit code 2 and one `error:` line, and return that line. For refusals that come before any work: a run that went
-    further would train in this process."""
+def cli(argv: list[str]) -> int:
     from train.__main__ import cli
 
-    try:
-        code = cli(list(args))
-    except SystemExit as exit_:  # argparse's own refusals
-        code = exit_.code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, f"{args}: exit code {code}, stderr {captured.err!r}"
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
-    return lines[0]
+    return cli(argv)
 
 
 def train_help(*args: str) -> subprocess.CompletedProcess:
@@ -54,28 +32,6 @@ def train_help(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exit_:
             code = exit_.code
     return subprocess.CompletedProcess([*args, "--help"], code, out.getvalue(), err.getvalue())
-
-
-def small_run_args(data: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--data-dir",
-        data,
-        "--allow-small-data",
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "64",
-        "--lr",
-        "0.05",
-        "--workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        *extra,
-    ]
 
 
 @pytest.mark.slow
@@ -140,15 +96,15 @@ def test_smoke_run_writes_metrics_and_checkpoints(tiny_cifar, tmp_path, loader):
         (["--workers", "100000"], "--workers 100000 is more than 4 per usable core"),
     ],
 )
-def test_bad_flags_are_refused_in_one_line(args, message, tmp_path, capsys):
-    line = refused_by_train([*args, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+def test_bad_flags_are_refused_in_one_line(args, message, tmp_path, refused):
+    line = refused(cli, [*args, "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert message in line
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys):
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, refused):
     monkeypatch.chdir(tmp_path)
-    line = refused_by_train(["--out", "", "--device", "cpu"], capsys)
+    line = refused(cli, ["--out", "", "--device", "cpu"])
     assert "--out is empty" in line
     assert list(tmp_path.iterdir()) == []  # nothing written where the command was run
 
@@ -157,15 +113,34 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, monkey
     "args, images",
     [(["--batch-size", "1000000000"], 300), (["--limit-train", "100", "--batch-size", "101"], 100)],
 )
-def test_a_batch_larger_than_the_training_split_is_refused(args, images, tiny_cifar, tmp_path, capsys):
+def test_a_batch_larger_than_the_training_split_is_refused(args, images, tiny_cifar, tmp_path, refused):
     """Not clipped: the run would train on smaller batches than metrics.json says, at a learning rate chosen for
     another batch size. Only the data can tell, so it comes after reading and before any loader."""
     out = tmp_path / "out"
-    line = refused_by_train(
-        ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(out), "--device", "cpu", *args], capsys
-    )
+    line = refused(cli, ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(out), "--device", "cpu", *args])
     assert f"is more than the {images} training images" in line and f"--batch-size {images} or less" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, images", [("--limit-train", 300), ("--limit-eval", 100)])
+def test_a_limit_beyond_its_split_is_refused_not_clamped(flag, images, tiny_cifar, tmp_path, refused):
+    args = ["--data-dir", tiny_cifar, "--allow-small-data", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    line = refused(cli, [*args, "--loader", "cpu", flag, str(images + 1)])
+    assert f"{flag} {images + 1} is more than the {images} images of its split" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_graph_is_off_under_ema_with_one_line_saying_why():
+    from train.config import TrainConfig, cuda_graph_blockers
+    from train.dist import Dist
+
+    blockers = cuda_graph_blockers(TrainConfig(cuda_graph="auto", ema=0.99), torch.device("cuda", 0), Dist())
+    assert blockers == ["--ema updates the weight average on the host after every step"]
+
+
+def test_help_names_no_issue_numbers_or_commits():
+    text = train_help("--recipe", "fast").stdout
+    assert text.count("--") > 40 and not re.search(r"\bissues? \d+|#\d+|\b[0-9a-f]{7,40}\b", text)
 
 
 @pytest.mark.slow
@@ -186,10 +161,10 @@ def test_a_refusal_through_the_real_command_is_one_line(args, tmp_path):
         (["--amp"], "--amp (bf16 autocast) works on CUDA only"),
     ],
 )
-def test_settings_the_cpu_cannot_run_are_refused_before_the_data_is_read(args, message, tmp_path, capsys):
+def test_settings_the_cpu_cannot_run_are_refused_before_the_data_is_read(args, message, tmp_path, refused):
     # The data folder does not exist: a check that came after reading the data would report that instead.
     argv = [*args, "--device", "cpu", "--data-dir", "/nonexistent/cifar", "--out", str(tmp_path / "out")]
-    assert message in refused_by_train(argv, capsys)
+    assert message in refused(cli, argv)
     assert not (tmp_path / "out").exists()
 
 
@@ -374,6 +349,8 @@ def _check(monkeypatch, device: str, world_size: int = 1, bf16: bool = True, **f
         ("cpu", 1, True, {"amp": True}, "--amp (bf16 autocast) works on CUDA only"),
         ("cpu", 1, True, {"compile": True, "compile_mode": "reduce-overhead"}, "replays CUDA graphs"),
         ("cpu", 4, True, {"batch_size": 6}, "--batch-size 6 (global) must divide by the 4 ranks"),
+        # AveragedModel reads its counter on the host every step: the graph is off under --ema, never half-captured
+        ("cuda", 1, True, {"cuda_graph": "on", "ema": 0.9}, "--ema updates the weight average on the host"),
     ],
 )
 def test_check_hardware_refuses(monkeypatch, device, world_size, bf16, flags, message):

@@ -1,6 +1,6 @@
-"""Nothing lost on the way out (issue 13): the run folder is owned by one run, every file appears whole or not at all in
-an order that always leaves a way forward, nothing planted in the folder is written through, a checkpoint is verified
-before it is trusted, and a disk that says no is one line with the previous checkpoint intact."""
+"""The run folder and its checkpoints: one run per folder, every file whole or not at all in an order that always leaves
+a way forward (a kill at any write, a stop signal, a full disk), resuming as the stop line says, nothing planted in the
+folder written through, and a checkpoint verified before it is trusted."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import ROOT, run_train, small_run_args
+from runs import ROOT, epochs_of, metrics_of, run_train, small_run_args
 
 import model as models
 
@@ -33,12 +33,7 @@ OUTPUT_FILES = (
     "misclassified.png",
 )
 
-STABLE = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images", "lr")
 ARGS = ("--loader", "cpu")  # the epoch count comes from small_run_args: 2
-
-
-def epochs_of(out: Path) -> list[dict]:
-    return [{k: e[k] for k in STABLE} for e in json.loads((out / "metrics.json").read_text())["epochs"]]
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
@@ -49,10 +44,10 @@ def cli(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_error_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
-    return lines[0]
+def train_cli(argv: list[str]) -> int:
+    from train.__main__ import cli as train_cli
+
+    return train_cli(argv)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -100,14 +95,22 @@ def finished(tiny_cifar, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def halfway(tiny_cifar, tmp_path_factory) -> Path:
-    """The folder of a 2-epoch run (ARGS, seed 1) stopped as its second epoch began: last.pt holds epoch 1."""
+    """The folder of a 2-epoch run (ARGS, seed 1) stopped by Ctrl-C as its second epoch began: last.pt holds epoch 1,
+    and the stop line says so with the command that continues it."""
+    import contextlib
+    import io
+
     import train.run
     from train.__main__ import cli as train_cli
 
-    out = tmp_path_factory.mktemp("halfway") / "run"
-    with pytest.MonkeyPatch.context() as patch:
+    out, stderr = tmp_path_factory.mktemp("halfway") / "run", io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
         patch.setattr(train.run, "train_and_evaluate", _stop_at_epoch(1))
         assert train_cli(small_run_args(tiny_cifar, out, *ARGS, "--seed", "1")) == 130
+    assert stderr.getvalue() == (
+        f"interrupted by SIGINT: {out / 'last.pt'} holds epoch 1 of 2; continue with: python -m train --resume auto "
+        f"--out {out}\n"
+    )
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
     return out
 
@@ -137,7 +140,7 @@ sys.exit(cli(sys.argv[2:]))
 
 
 @pytest.mark.slow  # interpreter start-ups: more than 5 s
-def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys, no_data_reading):
+def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, refused, no_data_reading):
     out, gate = tmp_path / "run", tmp_path / "go"
     first = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(gate), *small_run_args(tiny_cifar, out, *ARGS)],
@@ -150,10 +153,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys
     try:
         while "parameters |" not in first.stdout.readline():  # set up, then held before its first epoch
             assert first.poll() is None, first.stderr.read()
-        for extra in ([], ["--overwrite"], ["--resume", "auto"]):
-            code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS, "--seed", "5", *extra))
-            assert code == 2
-            assert f"--out {out} is in use by another run (pid {first.pid})" in one_error_line(stderr)
+        for extra in ([], ["--overwrite"]):
+            line = refused(train_cli, small_run_args(tiny_cifar, out, *ARGS, "--seed", "5", *extra))
+            assert f"--out {out} is in use by another run (pid {first.pid})" in line
     finally:
         gate.touch()
         _, first_stderr = first.communicate(timeout=300)
@@ -169,69 +171,57 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tiny_cifar, tmp_path, capsys
 def test_a_torchrun_job_on_a_folder_in_use_is_refused_on_every_rank(tiny_cifar, tmp_path):
     import fcntl
 
-    from test_distributed import torchrun
-
     out = tmp_path / "run"
     out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
+    command = [*launcher, "-m", "train", *small_run_args(tiny_cifar, out, *ARGS, "--epochs", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT_S": "60"}
     with open(out / ".lock", "w") as held:  # another run holds the folder
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write(f"{os.getpid()}\n")
         held.flush()
-        result = torchrun(None, out, tiny_cifar, "--loader", "cpu", "--epochs", "1")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode != 0
     refusal = f"error: --out {out} is in use by another run (pid {os.getpid()})"
     assert result.stderr.count(refusal) == 2  # rank 0 found it, rank 1 heard it: nobody waits for the other
     assert "lost contact" not in result.stderr and not (out / "metrics.json").exists()
 
 
-def test_a_link_planted_as_the_lock_file_is_refused(tiny_cifar, tmp_path, capsys, no_data_reading):
+def test_a_link_planted_as_the_lock_file_is_refused(tiny_cifar, tmp_path, refused, no_data_reading):
     out, victim = tmp_path / "run", tmp_path / "victim"
     out.mkdir()
     victim.write_text("keep me")
     (out / ".lock").symlink_to(victim)
-    code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS))
-    assert code == 2 and f"{out / '.lock'} is a symbolic link" in one_error_line(stderr)
+    assert f"{out / '.lock'} is a symbolic link" in refused(train_cli, small_run_args(tiny_cifar, out, *ARGS))
     assert victim.read_text() == "keep me"
 
 
-@pytest.mark.slow
-def test_resuming_into_a_folder_of_another_run_is_refused(finished, halfway, tiny_cifar, tmp_path, capsys):
-    other = copy_of(finished, tmp_path, "other")
-    before = snapshot(other)
-    args = small_run_args(tiny_cifar, other, *ARGS, "--seed", "1", "--resume", str(halfway / "last.pt"))
-    code, stderr = cli(capsys, *args)
-    line = one_error_line(stderr)
-    assert code == 2 and f"--out {other} holds another run" in line and "mix the files of two runs" in line
-    assert snapshot(other) == before
-    # an older run without run ids, and a folder with files of unknown origin, are another run's too
-    legacy = copy_of(finished, tmp_path, "legacy")
-    metrics = json.loads((legacy / "metrics.json").read_text())
-    del metrics["run_id"]
-    (legacy / "metrics.json").write_text(json.dumps(metrics))
-    plots_only = tmp_path / "plots"
-    plots_only.mkdir()
-    shutil.copy(finished / "curves.png", plots_only)
-    for folder in (legacy, plots_only):
-        before = snapshot(folder)
-        args = small_run_args(tiny_cifar, folder, *ARGS, "--seed", "1", "--resume", str(halfway / "last.pt"))
-        code, stderr = cli(capsys, *args)
-        assert code == 2 and "mix the files of two runs" in one_error_line(stderr)
-        assert snapshot(folder) == before
-    # into an empty folder, or its own, the run continues
-    fresh = tmp_path / "fresh"
-    fork = small_run_args(tiny_cifar, fresh, *ARGS, "--seed", "1", "--resume", str(halfway / "last.pt"))
-    code, stderr = cli(capsys, *fork)
+def test_resume_auto_alone_continues_with_the_checkpoints_settings(halfway, tiny_cifar, tmp_path, capsys, refused):
+    out = copy_of(halfway, tmp_path)
+    before = snapshot(out)
+    line = refused(train_cli, ["--resume", "auto", "--out", str(out), "--epochs", "3", "--lr", "0.1"])
+    assert "was written with other settings (epochs: 2 -> 3; lr: 0.05 -> 0.1)" in line
+    assert snapshot(out) == before
+    # no data folder given: the checkpoint's; flags about where things go and how they are shown may change
+    code, stderr = cli(capsys, "--resume", "auto", "--out", str(out), "--progress", "--workers", "1")
     assert code == 0, stderr
-    own = copy_of(halfway, tmp_path, "own")
-    assert cli(capsys, *small_run_args(tiny_cifar, own, *ARGS, "--seed", "1", "--resume", "auto"))[0] == 0
-    assert epochs_of(own) == epochs_of(fresh)
-    run_id = torch.load(halfway / "last.pt", weights_only=True)["run_id"]
-    for folder in (own, fresh):
-        metrics = json.loads((folder / "metrics.json").read_text())
-        accuracy = [e["test_acc"] for e in metrics["epochs"]]
-        best = accuracy.index(max(accuracy)) + 1  # best.pt holds it even when that epoch ran before the resume
-        assert metrics["run_id"] == run_id and metrics["checkpoints"] == {"last.pt": 2, "best.pt": best}
-        assert torch.load(folder / "best.pt", weights_only=True)["epoch"] == best
+    metrics = metrics_of(out)
+    assert metrics["config"]["seed"] == 1 and metrics["config"]["data_dir"] == tiny_cifar
+    assert [c["command"] for c in metrics["commands"]] == [
+        "python -m train " + " ".join(small_run_args(tiny_cifar, halfway, *ARGS, "--seed", "1")),
+        f"python -m train --resume auto --out {out} --progress --workers 1",
+    ]
+    # wall_seconds sums the commands (each keeps its own), so it covers the time the epochs took
+    assert metrics["wall_seconds"] == pytest.approx(sum(c["wall_seconds"] for c in metrics["commands"]))
+    assert metrics["wall_seconds"] >= metrics["train_seconds"] + metrics["eval_seconds"]
+    assert "recipe" not in metrics and "recipe" in metrics["config"]  # once, in the config
+
+
+def test_a_checkpoint_resumes_only_in_its_own_folder(halfway, tiny_cifar, tmp_path, refused):
+    other = tmp_path / "other"
+    line = refused(train_cli, ["--resume", str(halfway / "last.pt"), "--out", str(other)])
+    assert f"--resume {halfway / 'last.pt'}: a run continues in its own folder" in line
+    assert not other.exists()
 
 
 def test_overwrite_keeps_the_old_run_until_every_input_is_checked(finished, tiny_cifar, tmp_path, capsys):
@@ -260,7 +250,8 @@ def test_overwrite_leaves_no_file_of_the_old_run(finished, tiny_cifar, tmp_path,
 
 # --- kind 2: whole files, in an order that always leaves a way forward ----------------------------------------------
 
-# Kill points (TRAIN_TEST_KILL_AFTER=NAME:N:STAGE, train/checkpoint.py) of a 2-epoch run whose second epoch is its
+# Kill points (NAME:N:STAGE: SIGKILL in the N-th write of file NAME, at STAGE "written", the temporary complete, or
+# "replaced", the name replaced; see KILLING) of a 2-epoch run whose second epoch is its
 # best. Writes in order: last.pt 1, best.pt 1, metrics.json 1, last.pt 2, best.pt 2, metrics.json 2, predictions.npz,
 # curves.png, confusion.png, misclassified.png, metrics.json 3 (finished).
 KILL_POINTS = [
@@ -276,6 +267,24 @@ KILL_POINTS = [
 ]
 
 
+KILLING = """
+import os, signal, sys
+from collections import Counter
+import train.checkpoint
+from train.__main__ import cli
+name, count, stage = sys.argv[1].rsplit(":", 2)
+write, writes = train.checkpoint.write_whole, Counter()  # every file of a run is written through it
+def killing(path, fill, at_stage=None):
+    def at(reached):
+        writes[os.path.basename(path), reached] += 1
+        if (os.path.basename(path), reached) == (name, stage) and writes[name, reached] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return write(path, fill, at_stage=at)
+train.checkpoint.write_whole = killing
+sys.exit(cli(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, tiny_cifar, tmp_path, point):
@@ -283,13 +292,18 @@ def test_a_kill_at_any_write_leaves_a_folder_that_resumes_or_restarts(finished, 
     accuracy = [e["test_acc"] for e in reference["epochs"]]
     assert accuracy[1] > accuracy[0]  # the premise of "best.pt:2": the last epoch is the best
     out = tmp_path / "run"
-    killed = run_train(*small_run_args(tiny_cifar, out, *ARGS), env={"TRAIN_TEST_KILL_AFTER": point})
+    command = [sys.executable, "-c", KILLING, point, *small_run_args(tiny_cifar, out, *ARGS)]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if point.endswith(":written"):
         assert temporaries(out)  # the kill left a half-written temporary (and no half-written output)
-    # The way forward: --resume auto when last.pt exists, else the same command (no --overwrite needed)
-    again = ["--resume", "auto"] if (out / "last.pt").exists() else []
-    result = run_train(*small_run_args(tiny_cifar, out, *ARGS, *again))
+    # The way forward: `--resume auto --out` alone when last.pt exists, else the same command (no --overwrite needed)
+    again = (
+        ["--resume", "auto", "--out", str(out)]
+        if (out / "last.pt").exists()
+        else small_run_args(tiny_cifar, out, *ARGS)
+    )
+    result = run_train(*again)
     assert result.returncode == 0, result.stderr
     assert epochs_of(out) == epochs_of(finished)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -332,14 +346,14 @@ if where == "epoch":
             os.kill(os.getpid(), signum)
         return original(index, *args, **kwargs)
     train.run.train_and_evaluate = stopping
-else:  # during the writes of the first checkpoints: last.pt, and best.pt too for "write-twice"
+else:  # during the write of the first checkpoint
     import train.checkpoint
     write, calls = train.checkpoint.write_whole, []  # every file of a run is written through it
     def stopping(path, fill, **kwargs):  # the signal lands mid-write: the temporary is open and partly written
         calls.append(1)
         def filling(f):
             f.write(b"part")
-            if len(calls) <= (2 if where == "write-twice" else 1):
+            if len(calls) == 1:
                 os.kill(os.getpid(), signum)
             f.seek(0)
             f.truncate()
@@ -374,37 +388,22 @@ def test_sigterm_after_an_epoch_keeps_it_and_says_so(tiny_cifar, tmp_path):
     result = _stopped(tiny_cifar, out, "epoch", 1, "SIGTERM")
     assert result.returncode == 143
     assert result.stderr.strip() == (
-        f"interrupted by SIGTERM: {out / 'last.pt'} holds epoch 1 of 2; continue with --resume auto"
+        f"interrupted by SIGTERM: {out / 'last.pt'} holds epoch 1 of 2; continue with: python -m train --resume auto "
+        f"--out {out}"
     )
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
     assert run_train(*small_run_args(tiny_cifar, out, *ARGS, "--resume", "auto")).returncode == 0
 
 
 @pytest.mark.slow  # interpreter start-ups: more than 5 s
-def test_sigterm_while_an_epoch_is_written_waits_for_all_its_files(tiny_cifar, tmp_path):
+def test_sigterm_while_an_epoch_is_written_leaves_whole_files(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    result = _stopped(tiny_cifar, out, "write", 0, "SIGTERM")
+    result = _stopped(tiny_cifar, out, "write", 0, "SIGTERM")  # during last.pt of epoch 1
     assert result.returncode == 143
-    assert f"{out / 'last.pt'} holds epoch 1 of 2" in result.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["epochs"]) == 1 and metrics["checkpoints"] == {"last.pt": 1, "best.pt": 1}
-    assert not temporaries(out)
-
-
-@pytest.mark.slow  # interpreter start-ups: more than 5 s
-def test_a_second_sigterm_stops_at_once_and_says_what_is_saved(tiny_cifar, tmp_path):
-    out = tmp_path / "run"
-    result = _stopped(tiny_cifar, out, "write-twice", 0, "SIGTERM")  # during last.pt, then during best.pt
-    assert result.returncode == 143
-    assert f"{out / 'last.pt'} holds epoch 1 of 2; continue with --resume auto" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]  # best.pt and metrics.json never started
-    resumed = run_train(*small_run_args(tiny_cifar, out, *ARGS, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    accuracy = [e["test_acc"] for e in metrics["epochs"]]
-    best = accuracy.index(max(accuracy)) + 1
-    assert metrics["finished"] and metrics["checkpoints"] == {"last.pt": 2, "best.pt": best}
-    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best  # re-derived from last.pt of epoch 1
+    assert result.stderr.strip() == (
+        f"interrupted by SIGTERM: no epoch of this run was saved in {out}; run the same command again to start over"
+    )
+    assert list(out.iterdir()) == []  # the half-written temporary is gone
 
 
 @pytest.mark.slow  # interpreter start-ups: more than 5 s
@@ -430,9 +429,8 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_is_one_line(tiny
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 143
     epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
-    assert (
-        stderr == f"interrupted by SIGTERM: {out / 'last.pt'} holds epoch {epoch} of 30; continue with --resume auto\n"
-    )
+    resume = f"continue with: python -m train --resume auto --out {out}"
+    assert stderr == f"interrupted by SIGTERM: {out / 'last.pt'} holds epoch {epoch} of 30; {resume}\n"
 
 
 # --- kind 3: nothing planted in the folder is written through -------------------------------------------------------
@@ -513,41 +511,35 @@ def _first(state: dict) -> int:
 
 
 CORRUPTIONS = {
-    "empty file": (_raw(b""), "the file is empty (0 bytes)"),
-    "not a zip": (_raw(b"PK\x03\x04 and then nothing much"), "not a complete zip archive"),
+    "empty file": (_raw(b""), "truncated or corrupt checkpoint (BadZipFile"),
+    "not a zip": (_raw(b"PK\x03\x04 and then nothing much"), "truncated or corrupt checkpoint (BadZipFile"),
     "one flipped bit": (_bit_flipped, "does not match its contents"),
     "code, not data": (
         _edited(lambda s: s.update(config=argparse_namespace())),
         "objects other than tensors and plain Python data",
     ),
+    "config not a dict": (_edited(lambda s: s.update(config=["seed"])), "its config is list, not dict"),
+    "epoch not a number": (_edited(lambda s: s.update(epoch="1")), "its epoch is str, not int"),
+    "epoch beyond its history": (_edited(lambda s: s.update(epoch=2)), "its epoch is 2 but its history has 1"),
+    "history not a list": (_edited(lambda s: s.update(history="epoch 1")), "its history is str, not list"),
+    "run id not a string": (_edited(lambda s: s.update(run_id=7)), "its run_id is int, not str"),
+}
+# Checkpoints that are whole and of this tool, but of another network or settings: refused by load_state_dict
+MISFITS = {
     "weights of another model": (
         _edited(lambda s: s.update(model=models.build("dwres").state_dict())),
-        "model lacks",
+        "Missing key(s) in state_dict",
     ),
     "a weight of another shape": (
         _edited(lambda s: s["model"].update({_first(s["model"]): torch.zeros(2, 2)})),
-        "is a float32 tensor of shape [2, 2], expected",
+        "size mismatch for",
     ),
-    "config not a dict": (_edited(lambda s: s.update(config=["seed"])), "its config is a list of 1, not a dict"),
-    "epoch not a number": (_edited(lambda s: s.update(epoch="1")), "its epoch is a str ('1'), not an int"),
-    "epoch beyond its history": (_edited(lambda s: s.update(epoch=2)), "its epoch is 2 but its history has 1"),
-    "history not a list": (_edited(lambda s: s.update(history="epoch 1")), "its history is a str"),
-    "history row without accuracy": (
-        _edited(lambda s: s["history"][0].pop("test_acc")),
-        "history row of epoch 1 has no number 'test_acc'",
-    ),
-    "rng of the wrong type": (_edited(lambda s: s["rng"].update(torch=torch.zeros(3))), "rng.torch is a float32"),
-    "optimizer state of another shape": (
-        _edited(lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(3))),
-        "optimizer.state.0.momentum_buffer is a float32 tensor of shape [3]",
-    ),
+    "rng of the wrong type": (_edited(lambda s: s["rng"].update(torch=torch.zeros(3))), "does not fit the run"),
     "optimizer with a missing group": (
         _edited(lambda s: s["optimizer"].update(param_groups=s["optimizer"]["param_groups"][:1])),
-        "optimizer holds 1 parameter group(s), expected 2",
+        "different number of parameter groups",
     ),
-    "scheduler not a dict": (_edited(lambda s: s.update(scheduler=[1])), "its scheduler is a list of 1, not a dict"),
-    "an EMA the run does not have": (_edited(lambda s: s.update(ema=s["model"])), "ema is a dict, expected None"),
-    "run id not a string": (_edited(lambda s: s.update(run_id=7)), "its run_id is an int (7), not a str"),
+    "an EMA the run does not have": (_edited(lambda s: s.update(ema=s["model"])), "the checkpoint has weight EMA"),
 }
 
 
@@ -557,27 +549,39 @@ def argparse_namespace():
     return argparse.Namespace(seed=1)
 
 
-@pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_a_bad_checkpoint_is_refused_in_one_line_before_the_data(
-    halfway, tiny_cifar, tmp_path, capsys, case, no_data_reading
-):
-    make, message = CORRUPTIONS[case]
-    bad = tmp_path / "bad.pt"
-    make(halfway / "last.pt", bad)
-    out = tmp_path / "new"
-    code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS, "--seed", "1", "--resume", str(bad)))
-    line = one_error_line(stderr)
-    assert code == 2 and line.startswith(f"error: {bad}: ") and message in line, line
-    assert line.endswith("."), line  # what is wrong and what to do, never cut off mid-sentence
-    assert not out.exists()  # a refused run leaves nothing behind
-
-
-def test_a_damaged_best_checkpoint_in_the_folder_is_refused(halfway, tiny_cifar, tmp_path, capsys, no_data_reading):
+def _refused_resume(refused, halfway: Path, tmp_path: Path, make) -> str:
+    """`--resume auto --out` a copy of `halfway` whose last.pt `make` wrote: the one error line, and nothing changed."""
     out = copy_of(halfway, tmp_path)
+    make(halfway / "last.pt", out / "last.pt")
+    before = snapshot(out)
+    line = refused(train_cli, ["--resume", "auto", "--out", str(out)])
+    assert snapshot(out) == before  # a refused run changes nothing
+    # which file, what is wrong and what to do, never cut off mid-sentence
+    assert line.startswith(f"error: {out / 'last.pt'}: ") and line.endswith("."), line
+    return line
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_the_data(halfway, tmp_path, case, refused, no_data_reading):
+    make, message = CORRUPTIONS[case]
+    assert message in _refused_resume(refused, halfway, tmp_path, make)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MISFITS))
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_in_one_line(halfway, tmp_path, case, refused):
+    make, message = MISFITS[case]
+    line = _refused_resume(refused, halfway, tmp_path, make)
+    assert "does not fit the run these settings build" in line and message in line, line
+
+
+def test_a_damaged_best_checkpoint_in_the_folder_is_refused(halfway, tmp_path, refused, no_data_reading):
+    out = copy_of(halfway, tmp_path)
+    # an epoch without an evaluation (--eval-every) is never the best: best.pt stays as it is, so it is checked
+    _edited(lambda s: s["history"][0].pop("test_acc"))(halfway / "last.pt", out / "last.pt")
     _flip_a_bit_in_the_weights(out / "best.pt")
-    code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS, "--seed", "1", "--resume", "auto"))
-    line = one_error_line(stderr)
-    assert code == 2 and f"{out / 'best.pt'}: corrupt checkpoint" in line and "Delete it and resume again" in line
+    line = refused(train_cli, ["--resume", "auto", "--out", str(out)])
+    assert f"{out / 'best.pt'}: corrupt checkpoint" in line and "Delete it and resume again" in line
 
 
 @pytest.mark.parametrize(
@@ -614,7 +618,7 @@ def test_out_that_is_a_file_is_refused_before_any_work(tiny_cifar, tmp_path, cap
     assert a_file.read_text() == "mine"
 
 
-def test_read_only_out_is_refused_before_any_work(tiny_cifar, tmp_path, capsys, no_data_reading, monkeypatch):
+def test_read_only_out_is_refused_before_any_work(tiny_cifar, tmp_path, refused, no_data_reading, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     real_open = os.open
@@ -625,9 +629,8 @@ def test_read_only_out_is_refused_before_any_work(tiny_cifar, tmp_path, capsys, 
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS))
-    assert code == 2
-    assert f"--out {out} is not writable (Read-only file system, EROFS)" in one_error_line(stderr)
+    line = refused(train_cli, small_run_args(tiny_cifar, out, *ARGS))
+    assert f"--out {out} is not writable (Read-only file system, EROFS)" in line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -643,7 +646,7 @@ def test_read_only_out_is_refused_before_any_work_for_real(tiny_cifar, tmp_path,
 
 
 @pytest.mark.slow
-def test_disk_full_mid_run_keeps_the_previous_checkpoint(finished, tiny_cifar, tmp_path, capsys, monkeypatch):
+def test_disk_full_mid_run_keeps_the_previous_checkpoint(finished, tiny_cifar, tmp_path, capsys, refused, monkeypatch):
     out = tmp_path / "run"
     real_fsync, calls = os.fsync, []
 
@@ -655,16 +658,14 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint(finished, tiny_cifar, t
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full)
-    code, stderr = cli(capsys, *small_run_args(tiny_cifar, out, *ARGS))
-    line = one_error_line(stderr)
-    assert code == 2
+    line = refused(train_cli, small_run_args(tiny_cifar, out, *ARGS))
     assert line == (
         f"error: could not write {out / 'last.pt'} (No space left on device, ENOSPC); {out / 'last.pt'} holds epoch 1 "
-        "of 2: free some space, then continue with --resume auto."
+        f"of 2: free some space, then continue with: python -m train --resume auto --out {out}."
     )
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1 and not temporaries(out)
     monkeypatch.setattr(os, "fsync", real_fsync)  # space freed
-    assert cli(capsys, *small_run_args(tiny_cifar, out, *ARGS, "--resume", "auto"))[0] == 0
+    assert cli(capsys, "--resume", "auto", "--out", str(out))[0] == 0
     assert epochs_of(out) == epochs_of(finished)
 
 

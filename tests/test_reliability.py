@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -15,16 +14,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from test_cli import ROOT, run_train, small_run_args
+from runs import ROOT, epochs_of, run_train, small_run_args
 
 # Every test here runs `python -m train` (or torchrun) end to end: the full run in .ci/run has them all.
 pytestmark = pytest.mark.slow
-
-STABLE = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "images", "lr")
-
-
-def epochs_of(out: Path) -> list[dict]:
-    return [{k: e[k] for k in STABLE} for e in json.loads((out / "metrics.json").read_text())["epochs"]]
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, tmp_path):
@@ -51,7 +44,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tiny_cifar, 
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out / 'last.pt'} after epoch {done_before_kill}" in resumed.stdout
     assert epochs_of(out) == epochs_of(reference)  # identical, to the last digit
-    assert not list(out.glob(".*.tmp*"))  # no half-written files left behind
+    assert not list(out.glob(".*.partial"))  # no half-written files left behind
 
 
 def test_corrupt_checkpoint_is_a_clear_error_not_a_fresh_start(tiny_cifar, tmp_path):

@@ -3,27 +3,26 @@ CUDA-graph step's refusals and its automatic choice, predictions from the final 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
-from test_cli import refused_by_train, run_train, small_run_args
+from runs import metrics_of, run_train, small_run_args
 
-
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+from train.optim import lr_factor
 
 
 @pytest.mark.slow
 def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    # a limit beyond the 300 training images: all of them, and metrics.json says how many
-    args = small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--limit-train", "99999999")
+    args = small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1", "--limit-eval", "40")
     args.remove("--data-dir")
     args.remove(tiny_cifar)  # the data folder comes from the environment, as many users set it
+    args.remove("--no-progress")  # no flag: bars only on a terminal, and stderr is a pipe here
     result = run_train(*args, env={"CIFAR10_ROOT": tiny_cifar})
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar redrawn into a log file
+    assert "test loss" in result.stdout and "(40 of 100 images: --limit-eval)" in result.stdout
     m = metrics_of(out)
     assert m["config"]["data_dir"] is None  # what was asked ...
     assert m["resolved"]["data_dir"] == str(Path(tiny_cifar).resolve())  # ... and what was used
@@ -31,8 +30,11 @@ def test_metrics_record_what_actually_ran(tiny_cifar, tmp_path):
     assert m["resolved"]["amp"] is False and m["config"]["amp"] is False
     assert m["resolved"]["cuda_graph"] is False and m["resolved"]["device"] == "cpu"
     assert m["config"]["workers"] == 0 and m["resolved"]["workers"] == 0  # --workers 0: the main process
-    assert m["config"]["limit_train"] == 99999999
-    assert m["resolved"]["train_images"] == 300 and m["resolved"]["eval_images"] == 100
+    assert m["config"]["limit_eval"] == 40 and m["epochs"][0]["test_images"] == 40
+    assert m["resolved"]["train_images"] == 300 and m["resolved"]["eval_images"] == 40
+    # the epoch's mean learning rate (the last step's was 0 for a one-epoch onecycle run)
+    mean = sum(lr_factor("onecycle", step, 5, 0.2) for step in range(5)) / 5  # 300 images, batch 64: 5 steps
+    assert m["epochs"][0]["lr"] == pytest.approx(0.05 * mean)
     assert re.fullmatch(r"[0-9a-f]{64}", m["env"]["code"]["source_sha256"])
     assert m["env"]["code"]["package"] == "0.1.0"
     assert m["eval_seconds"] > 0 and m["epochs"][0]["eval_seconds"] > 0
@@ -46,7 +48,7 @@ def test_a_run_says_what_it_is_doing(tiny_cifar, tmp_path):
     result = run_train(*small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "1"))
     assert result.returncode == 0, result.stderr
     said = result.stdout
-    for phrase in ("reading CIFAR-10 from", "warming up", "eager step", "writing predictions.npz", "whole command"):
+    for phrase in ("reading CIFAR-10 from", "warming up", "eager step", "writing predictions.npz", "this command"):
         assert phrase in said, phrase
     assert said.index("reading CIFAR-10") < said.index("warming up") < said.index("epoch 1/1:")
 
@@ -82,13 +84,15 @@ def test_eval_every_skips_epochs_but_never_the_last(tiny_cifar, tmp_path):
     [
         (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on cannot work here: it needs a CUDA device"),
         (["--cuda-graph", "on", "--optimizer", "adamw"], "the captured step implements SGD only"),
-        (["--cuda-graph", "on", "--compile"], "--cuda-graph on and --compile both capture the step"),
+        (["--cuda-graph", "on", "--compile"], "torch.compile captures the step itself"),
         (["--eval-every", "0"], "--eval-every must be > 0"),
     ],
 )
-def test_cuda_graph_refusals_come_before_any_work(tmp_path, args, message, capsys):
+def test_cuda_graph_refusals_come_before_any_work(tmp_path, args, message, refused):
+    from train.__main__ import cli
+
     argv = [*args, "--device", "cpu", "--out", str(tmp_path / "out"), "--data-dir", "/nonexistent"]
-    assert message in refused_by_train(argv, capsys)
+    assert message in refused(cli, argv)
     assert not (tmp_path / "out").exists()
 
 
@@ -107,7 +111,6 @@ def test_predictions_come_from_the_final_evaluation(tiny_cifar, tmp_path, monkey
     import numpy as np
 
     import train.run
-    from train.config import parse_config
 
     calls = []
     real = train.run.evaluate
@@ -118,7 +121,7 @@ def test_predictions_come_from_the_final_evaluation(tiny_cifar, tmp_path, monkey
 
     monkeypatch.setattr(train.run, "evaluate", counting)
     out = tmp_path / "run"
-    metrics = train.run.main(parse_config(small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "2")))
+    metrics = train.run.main(small_run_args(tiny_cifar, out, "--loader", "cpu", "--epochs", "2"))
     assert calls == [False, True]  # one evaluation per epoch, no extra pass for the predictions
     predictions = np.load(out / "predictions.npz")
     accuracy = float((predictions["predicted"] == predictions["labels"]).mean())
@@ -126,21 +129,26 @@ def test_predictions_come_from_the_final_evaluation(tiny_cifar, tmp_path, monkey
     assert metrics["wall_seconds"] >= metrics["train_seconds"]
 
 
-def test_the_checkpoint_holds_exactly_the_fields_its_reader_checks():
-    """checkpoint_contents (what is written) and CHECKPOINT_FIELDS (what load_checkpoint checks) name the same keys
-    with the same types: a key added to one alone would be written unchecked, or demanded and never written."""
+def test_the_epoch_loop_reads_the_device_once_every_sync_every_steps(monkeypatch):
+    """Each read is a host-device sync that stalls the queue of launched work: the loss, accuracy and non-finite
+    marker come back together, once every SYNC_EVERY steps and once at the end."""
     import torch
 
-    from train.checkpoint import CHECKPOINT_FIELDS
+    import model as models
     from train.config import TrainConfig
-    from train.dist import Dist
-    from train.run import build_state, checkpoint_contents
+    from train.loop import SYNC_EVERY, train_one_epoch
+    from train.optim import make_optimizer, make_scheduler
+    from train.step import TrainStep
 
-    for ema in (0.0, 0.99):
-        cfg = TrainConfig(ema=ema, model="dwres")
-        state = build_state(cfg, torch.device("cpu"), Dist(), total_steps=4)
-        state.history = [{"epoch": 1}]
-        contents = checkpoint_contents(state, cfg, torch.device("cpu"), run_id="r")
-        assert set(contents) == set(CHECKPOINT_FIELDS)
-        for key, value in contents.items():
-            assert isinstance(value, CHECKPOINT_FIELDS[key]), key
+    cfg, steps = TrainConfig(model="dwres"), 2 * SYNC_EVERY
+    net = models.build(cfg.model)
+    optimizer = make_optimizer(net, cfg)
+    kwargs = {"steps_per_epoch": steps, "label_smoothing": 0.0, "amp": False, "device": torch.device("cpu")}
+    step = TrainStep(net, optimizer, make_scheduler(optimizer, cfg, steps), graphed=False, **kwargs)
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, real=real, name=name: reads.append(name) or real(t))
+    stats = train_one_epoch(step, [batch] * steps, epoch=0)
+    assert len(reads) == steps // SYNC_EVERY + 1 and stats["images"] == 2 * steps

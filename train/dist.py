@@ -9,38 +9,23 @@ import re
 from contextlib import suppress
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.order import Order, epoch_indices
 
 # A rank that dies leaves the others blocked in a collective; this timeout turns that hang into an error.
 DEFAULT_TIMEOUT_S = 300
 TIMEOUT_ENV = "TRAIN_DIST_TIMEOUT_S"
-# The longest timeout taken: a week. Far longer than any collective of this project waits for a healthy peer, and
-# well inside what datetime.timedelta and the backends' millisecond counters hold (a larger number overflowed there,
-# as a traceback, before the job started).
+# The longest timeout taken, a week: far beyond any healthy wait, and inside what the backends' counters hold.
 MAX_TIMEOUT_S = 7 * 24 * 3600
 
-# What the process-group backends say when a peer is gone or stopped answering. Read from gloo's
-# transport/tcp/pair.cc and unbound_buffer.cc, torch's ProcessGroupNCCL.cpp (the watchdog) and NCCL's ncclRemoteError
-# text. An error with none of these (a collective mismatch, a CUDA error, a bad argument) is a bug: it keeps its
-# traceback instead of being reported as a lost peer.
-LOST_PEER_MARKERS = (
-    "Connection closed by peer",  # gloo: the peer's socket reached EOF (its process died)
-    "Connection reset by peer",  # gloo "Read error ...: <strerror>", TCPStore
-    "Broken pipe",  # writing to a peer that is gone
-    "Socket closed",  # gloo: a pair already closed by an earlier failure
-    "Socket unexpectedly closed",
-    "Read timeout",  # gloo, synchronous pairs
-    "Write timeout",
-    "Connect timeout",
-    "Timed out waiting",  # gloo: "Timed out waiting <ms>ms for recv|send operation to complete"
-    "Application timeout caused pair closure",  # gloo: what the other operations see after that timeout
-    "Watchdog caught collective operation timeout",  # NCCL: a collective ran past the timeout
-    "NCCL communicator was aborted",  # NCCL: every collective after the watchdog's abort
-    "remote process exited or there was a network error",  # NCCL: ncclRemoteError
-)
+# What gloo (transport/tcp), torch's NCCL watchdog and NCCL's ncclRemoteError say when a peer is gone or stopped
+# answering: closed or reset connections, broken pipes, timeouts, aborted communicators. An error without any of
+# these (a collective mismatch, a CUDA error, a bad argument) is a bug and keeps its traceback.
+LOST_PEER = re.compile(r"by peer|broken pipe|socket (unexpectedly )?closed|timed? ?out|aborted|remote process", re.I)
 
 
 @dataclass
@@ -66,11 +51,24 @@ def log(dist: Dist, message: str) -> None:
         print(message, flush=True)
 
 
+def gather_in_order(probabilities: torch.Tensor, n: int, dist: Dist) -> np.ndarray | None:
+    """float32 [n, classes] probabilities of the whole (unshuffled) evaluation split in order, on rank 0, from each
+    rank's shard (None on the other ranks). Without torchrun the one shard is already everything, in order."""
+    if not dist.enabled:
+        return probabilities.numpy()
+    shards: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(shards, probabilities.numpy())
+    if not dist.is_main:
+        return None
+    full = np.empty((n, probabilities.shape[1]), np.float32)
+    for rank, shard in enumerate(shards):
+        full[epoch_indices(n, 0, Order(shuffle=False, rank=rank, world_size=dist.world_size))] = shard
+    return full
+
+
 def init_distributed(use_cuda: bool) -> Dist:
-    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on the CPU);
-    without those variables this is a single-process run. The collective timeout is $TRAIN_DIST_TIMEOUT_S seconds.
-    Raises ConfigError, before joining, if that timeout is not a positive integer or if torchrun started more
-    processes on this node (LOCAL_WORLD_SIZE) than torch sees GPUs (one GPU per process)."""
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on the CPU), or
+    a single-process run without them. Raises ConfigError, before joining, for variables that cannot be."""
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return Dist()
@@ -95,8 +93,7 @@ def init_distributed(use_cuda: bool) -> Dist:
 
 
 def _env_int(name: str, default: int | None) -> int:
-    """The whole number in environment variable `name` (torchrun's RANK, WORLD_SIZE, ...), `default` when unset.
-    ConfigError (one line) when it is not a whole number, or unset without a default."""
+    """The whole number in environment variable `name`, `default` when unset. Raises ConfigError."""
     text = os.environ.get(name)
     if text is None and default is not None:
         return default
@@ -111,8 +108,7 @@ def _env_int(name: str, default: int | None) -> int:
 
 
 def timeout_s() -> int:
-    """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. ConfigError unless it is a
-    whole number in 1..MAX_TIMEOUT_S."""
+    """The collective timeout in seconds: $TRAIN_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S. Raises ConfigError."""
     text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:
         seconds = int(text)
@@ -126,13 +122,9 @@ def timeout_s() -> int:
 
 
 def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) -> None:
-    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank; one
-    all_reduce, once, before training.
-
-    Every rank must run the same number of steps: DDP's gradient all-reduce and SyncBatchNorm's statistics wait for
-    every rank at every step. pipeline.order gives every rank the same number of batches by construction, so DDP
-    needs no Join (which would cost an all-reduce per step, and which PyTorch documents does not support
-    SyncBatchNorm); this checks that promise, and that every node read the same data, instead of trusting it."""
+    """ConfigError on every rank unless each of `counts` (name -> this rank's value) is the same on every rank.
+    DDP and SyncBatchNorm wait for every rank at every step; pipeline.order gives every rank the same number of
+    batches by construction (so DDP needs no Join), and this one all_reduce checks that promise."""
     if not dist.enabled:
         return
     values = torch.tensor([v for value in counts.values() for v in (value, -value)], dtype=torch.int64, device=device)
@@ -148,13 +140,13 @@ def require_agreement(counts: dict[str, int], device: torch.device, dist: Dist) 
 
 def lost_peer(err: BaseException | None) -> bool:
     """Whether `err` says that another rank died or stopped answering: a torch store or network error, or a backend
-    error with one of LOST_PEER_MARKERS in its text (or in the text of the error it was raised from)."""
+    error whose text LOST_PEER matches (or in the text of the error it was raised from)."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, torch.distributed.DistNetworkError | torch.distributed.DistStoreError):
             return True
-        if isinstance(err, RuntimeError) and any(marker in str(err) for marker in LOST_PEER_MARKERS):
+        if isinstance(err, RuntimeError) and LOST_PEER.search(str(err)):
             return True
         err = err.__cause__ or err.__context__
     return False

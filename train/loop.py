@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.errors import Diverged
 from train.step import Sums, TrainStep, autocast
@@ -18,14 +18,11 @@ from train.step import Sums, TrainStep, autocast
 SYNC_EVERY = 25
 
 
-class Progress(Protocol):
-    """What the epoch loop reports to (the tqdm bar in train/run.py)."""
-
-    def advance(self) -> None:
-        """One more batch was queued (called every batch; must not read the device)."""
-
-    def show(self, loss: float, acc: float, img_per_s: float) -> None:
-        """The running numbers, at the sync points."""
+def progress_bar(show: bool | None, title: str, loader: Iterable) -> tqdm:
+    """`loader` with a tqdm bar that advances every batch: shown with `show` True, hidden with False, and with None
+    only when stderr is a terminal (tqdm's own rule), so that a log file gets no redraws."""
+    disable = None if show is None else not show
+    return tqdm(loader, desc=title, unit="batch", leave=False, dynamic_ncols=True, disable=disable)
 
 
 def sync(device: torch.device) -> None:
@@ -34,13 +31,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(
-    step: TrainStep, loader: Iterable, *, epoch: int, progress: Progress | None = None
-) -> dict[str, float]:
+def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int, progress: tqdm | None = None) -> dict[str, float]:
     """Train for one pass over `loader`, one `step` per batch; returns train_loss, train_acc (a fraction), seconds,
-    img_per_s and images (summed over torchrun ranks). The progress bar advances every batch and its numbers are
-    refreshed every SYNC_EVERY batches. A non-finite loss raises Diverged naming the epoch and the first bad batch
-    (found on the device; read back at those same sync points)."""
+    img_per_s and images (summed over torchrun ranks). Every SYNC_EVERY batches one read of the device checks that
+    the loss stayed finite (Diverged names the epoch and the first bad batch otherwise) and shows the running numbers
+    on the `progress` bar."""
     device = step.device
     step.net.train()
     step.begin_epoch()
@@ -48,30 +43,29 @@ def train_one_epoch(
     start = time.perf_counter()
     for batch, (x, y) in enumerate(loader):
         step(x, y)
-        if progress is not None:
-            progress.advance()
         if (batch + 1) % SYNC_EVERY == 0:
-            _check_finite(step.first_bad, epoch)
-            if progress is not None:
-                loss, acc, count = step.sums.means()
-                progress.show(loss, acc, count / (time.perf_counter() - start))
-    _check_finite(step.first_bad, epoch)
+            _read_back(step, epoch, progress, start)
     sync(device)
     seconds = time.perf_counter() - start
     step.sums.all_reduce()
-    loss, acc, count = step.sums.means()
-    if progress is not None:
-        progress.show(loss, acc, count / seconds)
+    loss, acc, count = _read_back(step, epoch, progress, start)
     return {"train_loss": loss, "train_acc": acc, "seconds": seconds, "img_per_s": count / seconds, "images": count}
 
 
-def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
-    bad = int(first_bad.item())
+def _read_back(step: TrainStep, epoch: int, progress: tqdm | None, start: float) -> tuple[float, float, int]:
+    """(mean loss, accuracy, images) so far, and the non-finite check, from one host read of the device."""
+    sums = step.sums
+    bad, loss, correct, count = torch.stack([step.first_bad.double(), sums.loss, sums.correct, sums.count]).tolist()
     if bad >= 0:
         raise Diverged(
-            f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1}, batch {bad + 1}. "
+            f"the training loss became non-finite (NaN or inf) in epoch {epoch + 1}, batch {int(bad) + 1}. "
             "Lower --lr, or check the data and the augmentation settings."
         )
+    n = max(count, 1)
+    if progress is not None:
+        rate = count / (time.perf_counter() - start)
+        progress.set_postfix(loss=f"{loss / n:.3f}", acc=f"{correct / n:.1%}", img_s=f"{rate:,.0f}")
+    return loss / n, correct / n, int(count)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, amp: bool, tta: str) -> torch.Tensor:
@@ -92,7 +86,6 @@ def evaluate(
     amp: bool,
     tta: str,
     keep_probabilities: bool = False,
-    progress: Progress | None = None,
 ) -> dict:
     """Loss, accuracy (a fraction) and image count over every image of `loader`, summed over ranks under torchrun.
     tta='flip' averages the logits of each image and its mirror image. With `keep_probabilities`, also
@@ -105,8 +98,6 @@ def evaluate(
         sums.add(F.cross_entropy(logits, y), logits, y)
         if keep_probabilities:
             kept.append(logits.softmax(1).cpu())
-        if progress is not None:
-            progress.advance()
     sums.all_reduce()
     loss, acc, count = sums.means()
     result: dict = {"loss": loss, "acc": acc, "count": count}

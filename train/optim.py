@@ -14,12 +14,9 @@ WARMUP_START = 1 / 25
 
 
 def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """`cfg.optimizer` over `net`'s parameters: SGD (cfg.momentum, Nesterov if cfg.nesterov) or AdamW (beta1 =
-    cfg.momentum), at peak lr cfg.lr.
-
-    Weight decay applies to weights with more than one dimension (convolutions, linear layers) only: decaying
-    BatchNorm scales and biases only fights the normalization. Raises ValueError for an unknown optimizer.
-    """
+    """SGD (Nesterov if cfg.nesterov) or AdamW (beta1 = cfg.momentum) over `net`'s parameters, at peak lr cfg.lr.
+    Weight decay only on weights with more than one dimension: decaying BatchNorm scales and biases fights the
+    normalization. Raises ValueError for an unknown optimizer."""
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -31,12 +28,9 @@ def make_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup_frac: float) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`.
-
-    A linear warm-up from WARMUP_START over the first `warmup_frac` of the steps, then `schedule`: "onecycle" decays
-    linearly to zero (as the fast CIFAR-10 trainers do, e.g. airbench), "cosine" follows half a cosine to zero,
-    "constant" stays at the peak. Raises ValueError for an unknown schedule.
-    """
+    """Multiplier of the peak lr at optimizer step `step` (0-based) of `total`: a linear warm-up from WARMUP_START
+    over the first `warmup_frac` of the steps, then "onecycle" decays linearly to zero (as airbench does), "cosine"
+    follows half a cosine to zero, "constant" stays at the peak. Raises ValueError for an unknown schedule."""
     warmup = int(total * warmup_frac)
     if step < warmup:
         return WARMUP_START + (1 - WARMUP_START) * step / warmup
