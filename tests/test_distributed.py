@@ -135,9 +135,9 @@ def assert_checkpoints_score_as_logged(out: Path) -> None:
     from model import build
     from train.checkpoint import load_checkpoint
     from train.config import TrainConfig
+    from train.data import load_data, make_eval_loader
     from train.dist import Dist
     from train.loop import evaluate
-    from train.run import load_data, make_eval_loader
 
     logged = json.loads((out / "metrics.json").read_text())["epochs"]
     for name in ("last.pt", "best.pt"):

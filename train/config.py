@@ -241,7 +241,7 @@ def validate(cfg: TrainConfig) -> None:
     try:
         cfg.aug_spec()
         check_seed(cfg.seed)
-        check_workers(cfg.workers, "--workers")
+        check_workers(cfg.workers, "--workers", cfg.loader)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -21,11 +21,12 @@ from pipeline import LOADERS
 from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
 from pipeline.data import CLASSES, IMAGE_SHAPE
 from pipeline.errors import CheckpointError, DataError, UserError
-from train.checkpoint import load_checkpoint, save_json
+from train.checkpoint import load_checkpoint, restore, save_json
 from train.config import DEVICES, TTAS, TrainConfig
+from train.data import load_data, make_eval_loader
 from train.dist import Dist
 from train.loop import evaluate, tta_logits
-from train.run import build_state, load_data, make_eval_loader, resolve_device, restore, verify_contents
+from train.run import build_state, resolve_device
 
 ADVICE = "Give a last.pt or best.pt that python -m train wrote."
 
@@ -37,11 +38,8 @@ def load_run(path: Path, device: torch.device, **changes: Any) -> tuple[TrainCon
         raise CheckpointError(f"{path}: no checkpoint there. {ADVICE}")
     saved = load_checkpoint(path, ADVICE)
     cfg = TrainConfig(**saved["config"])
-    problem = verify_contents(saved, cfg)
-    if problem:
-        raise CheckpointError(f"{path}: does not fit the network its settings build: {problem}. {ADVICE}")
     state = build_state(cfg, device, Dist(), total_steps=1)
-    restore(state, saved, device)
+    restore(state, saved, path, device)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     return cfg, saved, (state.ema.module if state.ema is not None else state.net).eval()
 

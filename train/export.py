@@ -18,9 +18,9 @@ import torch
 from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
 from pipeline.errors import ConfigError, OutputError, UserError
 from train.checkpoint import atomic_write
+from train.data import load_data
 from train.dist import Dist
 from train.evaluate import Classifier, load_run
-from train.run import load_data
 
 CHECK_IMAGES = 256  # evaluation images both runtimes classify before the file is written
 TOLERANCE = 1e-4  # the largest difference in any probability accepted between onnxruntime and PyTorch
