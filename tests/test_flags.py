@@ -9,19 +9,6 @@ import torch
 NO_GPU = not torch.cuda.is_available()
 
 
-def refused(main, argv: list[str], capsys) -> str:
-    """Run an entry point's main(argv) in this process; assert it refused with exit code 2 and one error line."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, f"{argv}: exit code {code}, stderr {captured.err!r}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"{argv}: stderr {captured.err!r}"
-    return lines[0]
-
-
 @pytest.fixture
 def a_file(tmp_path):
     path = tmp_path / "a-file"
@@ -29,13 +16,13 @@ def a_file(tmp_path):
     return path
 
 
-def test_train_uses_the_shared_one_line_parser(capsys):
+def test_train_uses_the_shared_one_line_parser(refused):
     """python -m train already refused bad flags in one line; it now does so through the same parser class."""
     from pipeline.cli import OneLineParser
     from train.config import build_parser, parse_config
 
     assert isinstance(build_parser(), OneLineParser)
-    assert "--batch-size" in refused(parse_config, ["--batch-size", "zero"], capsys)
+    assert "--batch-size" in refused(parse_config, ["--batch-size", "zero"])
 
 
 # --- an allocation that fails is one line, not a traceback, in every entry point ---
@@ -149,15 +136,15 @@ def test_write_whole_leaves_the_old_file_or_the_new_one(tmp_path):
     assert path.read_bytes() == b"new" and not path.is_symlink() and target.read_bytes() == b"keep"
 
 
-def test_empty_paths_to_read_are_refused(capsys, tiny_cifar):
+def test_empty_paths_to_read_are_refused(refused, tiny_cifar):
     from pipeline.gallery import main as gallery
     from train.report import main as report
 
-    assert "argument runs: is empty" in refused(report, [""], capsys)
-    assert "argument --data-dir: is empty" in refused(gallery, ["--data-dir", "", "--device", "cpu"], capsys)
+    assert "argument runs: is empty" in refused(report, [""])
+    assert "argument --data-dir: is empty" in refused(gallery, ["--data-dir", "", "--device", "cpu"])
 
 
-def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, capsys):
+def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, refused):
     """A path may hold a newline ($'a\\nb'); an error that quotes it escapes it, so it stays one line, everywhere."""
     from bench.__main__ import main as bench
     from pipeline.gallery import main as gallery
@@ -165,12 +152,12 @@ def test_a_path_with_a_line_break_still_gives_one_error_line(tmp_path, capsys):
     from train.report import main as report
 
     odd = str(tmp_path / "no\nsuch")
-    line = refused(train, ["--data-dir", odd, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    line = refused(train, ["--data-dir", odd, "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "no\\nsuch: folder not found" in line, line
-    assert "no\\nsuch" in refused(report, [odd], capsys)
-    assert "no\\nsuch: folder not found" in refused(gallery, ["--data-dir", odd, "--device", "cpu"], capsys)
+    assert "no\\nsuch" in refused(report, [odd])
+    assert "no\\nsuch: folder not found" in refused(gallery, ["--data-dir", odd, "--device", "cpu"])
     (tmp_path / "a-file").write_text("")
-    assert "no\\nsuch" in refused(bench, ["--quick", "--out", str(tmp_path / "a-file" / "no\nsuch")], capsys)
+    assert "no\\nsuch" in refused(bench, ["--quick", "--out", str(tmp_path / "a-file" / "no\nsuch")])
 
 
 def test_write_whole_takes_the_longest_legal_file_name(tmp_path):
