@@ -22,9 +22,11 @@ def run_train(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
 
 def small_run_args(data: str, out: Path, *extra: str) -> list[str]:
     """The flags of a 2-epoch CPU run on the tiny data set, then `extra`."""
+    loader = extra[extra.index("--loader") + 1] if "--loader" in extra else "dali"  # train's default loader
+    workers = "0" if loader == "cpu" else "1"  # the cpu loader in the main process; DALI needs a thread
     return [
         *("--data-dir", data, "--allow-small-data", "--out", str(out), "--epochs", "2", "--batch-size", "64"),
-        *("--lr", "0.05", "--workers", "0", "--no-progress", "--device", "cpu", *extra),
+        *("--lr", "0.05", "--workers", workers, "--no-progress", "--device", "cpu", *extra),
     ]
 
 

@@ -61,6 +61,7 @@ def torchrun(
 
 
 def train_args(out: Path, data: str, *args: str) -> list[str]:
+    dali = "--loader" not in args or args[args.index("--loader") + 1] == "dali"  # train's default loader
     return [
         "-m",
         "train",
@@ -72,7 +73,7 @@ def train_args(out: Path, data: str, *args: str) -> list[str]:
         "--batch-size",
         "64",
         "--workers",
-        "0",
+        "1" if dali else "0",  # DALI needs a thread; the cpu loader runs in the main process
         "--no-progress",
         "--out",
         str(out),
