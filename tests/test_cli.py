@@ -412,3 +412,17 @@ def test_help_gives_each_default_once_and_never_none():
         assert "(default: None)" not in text and "(default: False)" not in text, text
     workers = " ".join(next(o for o in options if o.startswith("--workers")).split())  # as one line, unwrapped
     assert "every usable core" in workers and "all cores / 4" not in workers
+
+
+def test_a_resume_takes_the_commands_own_out_overwrite_and_progress_not_the_checkpoints():
+    """A run started with --overwrite (or --progress) resumes with the stop line's command alone: those flags are
+    about one command, so the checkpoint's values are not inherited (--overwrite with --resume would be refused)."""
+    import dataclasses
+
+    from train.config import TrainConfig, make_config, parse_flags
+
+    saved = dataclasses.asdict(TrainConfig(overwrite=True, progress=True, epochs=3, data_dir="/data", out="old"))
+    cfg = make_config(*parse_flags(["--resume", "auto", "--out", "runs/x"]), saved, None)
+    assert (cfg.overwrite, cfg.progress, cfg.resume, cfg.out) == (False, None, "auto", "runs/x")
+    assert (cfg.epochs, cfg.data_dir) == (3, "/data")  # what the epochs compute and where the data is: the run's
+    assert make_config(*parse_flags(["--resume", "auto", "--no-tensorboard"]), {**saved, "tensorboard": True}, None)

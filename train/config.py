@@ -42,6 +42,11 @@ VALID = {
 }
 
 
+# Flags about one command, not the run: a resumed run takes them from its own command line (or their defaults), never
+# from the checkpoint (a run started with --overwrite must still resume; a bar belongs to the terminal at hand).
+PER_COMMAND = ("out", "resume", "overwrite", "progress", "download")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -101,7 +106,7 @@ class TrainConfig:
     # None (not given): resolve_auto makes it True where the GPU does bf16 natively, else False, before it is recorded
     amp: bool | None = flag(None, "bf16 autocast, CUDA only (default: on with a GPU that does bf16 natively)")
     channels_last: bool = flag(True, "channels_last memory format for the model and its input")
-    compile: bool = flag(False, "torch.compile the model (its time is reported as compile_seconds)")
+    compile: bool = flag(False, "torch.compile the model (compile_seconds: the warm-up, compilation included)")
     compile_mode: str = flag("default", "torch.compile mode", choices=COMPILE_MODES)
     cuda_graph: str = flag(
         "off",
@@ -125,7 +130,7 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, object]] = {
     # The seed's settings: its net, batch size 128, 60 epochs, its augmentations (AugSpec defaults).
     "seed": {"model": "seed", "batch_size": 128, "epochs": 60, "lr": 0.05, "optimizer": "sgd", "schedule": "onecycle"},
-    # Time to 85%: see README "Time to 85%" for how each value was chosen on a validation split.
+    # Time to 85%: docs/results.md says how each value was chosen on a validation split.
     "fast": {
         "model": "dwres",  # model/fast.py: residual depthwise-separable net, 187,882 parameters
         "batch_size": 512,  # big enough to keep the GPU busy with a 190k-parameter net, small enough for 19 epochs
@@ -155,9 +160,7 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         if f.name == "recipe":
             kwargs["choices"] = sorted(RECIPES)
-        elif default is False:
-            kwargs["action"] = "store_true"
-        elif isinstance(default, bool) or f.name in ("amp", "progress"):
+        elif isinstance(default, bool) or f.name in ("amp", "progress"):  # --x and --no-x: a saved True can be undone
             kwargs["action"] = argparse.BooleanOptionalAction
         elif type(default) in (int, float):
             kwargs.setdefault("type", type(default))
@@ -195,7 +198,8 @@ def make_config(
                 f"{source}: was written with other settings ({'; '.join(differ)}). Leave those flags out to continue "
                 "with the checkpoint's settings, or start a new run in another --out."
             )
-        values = {**{k: v for k, v in saved.items() if k in names}, **{k: values[k] for k in given}}
+        kept = {k: v for k, v in saved.items() if k in names and k not in PER_COMMAND}
+        values = {**values, **kept, **{k: values[k] for k in given}}
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
