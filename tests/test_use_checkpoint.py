@@ -52,7 +52,8 @@ def test_evaluate_classifies_image_files_of_any_size(run, tmp_path, capsys, refu
     wide, grey = tmp_path / "wide.png", tmp_path / "grey.jpg"
     Image.fromarray(rng.integers(0, 256, (40, 90, 3), np.uint8)).save(wide)
     Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).save(grey)
-    assert main([str(run / "last.pt"), "--images", str(wide), str(grey), "--device", "cpu"]) == 0
+    report = tmp_path / "top3.json"
+    assert main([str(run / "last.pt"), "--images", str(wide), str(grey), "--device", "cpu", "--json", str(report)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == [str(wide), str(grey)]
     for line in lines:
@@ -60,6 +61,8 @@ def test_evaluate_classifies_image_files_of_any_size(run, tmp_path, capsys, refu
         assert len(top) == 3 and all(name in CLASSES for name, _ in top), line
         chances = [float(p.rstrip("%")) for _, p in top]
         assert chances == sorted(chances, reverse=True) and sum(chances) <= 100.1, line
+    saved = json.loads(report.read_text())["images"]  # --json keeps what was printed
+    assert [(row["image"], len(row["top3"])) for row in saved] == [(str(wide), 3), (str(grey), 3)]
     assert "cannot be read as an image" in refused(main, [str(run / "last.pt"), "--images", str(run / "metrics.json")])
 
 

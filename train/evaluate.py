@@ -109,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             images = torch.from_numpy(read_images(args.images)).to(device)
             with torch.no_grad():
                 top = Classifier(net, cfg).to(device)(images).cpu().topk(3)
+            rows = []
             for path, chances, classes in zip(args.images, *top, strict=True):
-                print(f"{path}: " + ", ".join(f"{CLASSES[c]} {p:.1%}" for p, c in zip(chances, classes, strict=True)))
+                top3 = {CLASSES[c]: float(p) for p, c in zip(chances, classes, strict=True)}
+                print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top3.items()))
+                rows.append({"image": str(path), "top3": top3})
+            if args.json:
+                save_json({"checkpoint": str(args.checkpoint), "images": rows}, args.json)
             return 0
         result = {"checkpoint": str(args.checkpoint), "epoch": saved["epoch"], "tta": cfg.tta}
         result.update(score(cfg, net, device))
