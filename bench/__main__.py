@@ -148,7 +148,7 @@ def _line(row: dict, left: float) -> str:
     )
 
 
-@cli.one_line_on_out_of_memory("--batch-sizes or --images")
+@cli.one_line_errors("--batch-sizes or --images")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

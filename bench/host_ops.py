@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import LOADERS, make_loader
-from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_on_out_of_memory, positive_int
+from pipeline.cli import OneLineParser, check_fits_in_memory, one_line_errors, positive_int
 from pipeline.data import IMAGE_BYTES, IMAGE_SHAPE
 
 # Operations that make views, metadata or uninitialized memory: no kernel behind them unless they call one (aten::to
@@ -129,7 +129,7 @@ def report(work: HostWork) -> list[str]:
     return lines
 
 
-@one_line_on_out_of_memory("--images or --batch-size")
+@one_line_errors("--images or --batch-size")
 def main(argv: list[str] | None = None) -> int:
     from pipeline.dali_loader import CHUNK_IMAGES
 

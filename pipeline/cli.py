@@ -159,6 +159,3 @@ def one_line_errors(flags: str) -> Callable[[Callable[..., int]], Callable[..., 
         return run
 
     return wrap
-
-
-one_line_on_out_of_memory = one_line_errors  # the former name, until every entry point uses the new one

@@ -29,10 +29,10 @@ def test_train_uses_the_shared_one_line_parser(refused):
 
 
 def test_out_of_memory_is_one_line_and_other_errors_keep_their_traceback(capsys):
-    from pipeline.cli import one_line_on_out_of_memory
+    from pipeline.cli import one_line_errors
 
     def failing(err: BaseException):
-        @one_line_on_out_of_memory("--batch-size")
+        @one_line_errors("--batch-size")
         def main() -> int:
             raise err
 

@@ -7,22 +7,18 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.cli import one_line, one_line_on_out_of_memory, say_error
-from pipeline.errors import UserError
+from pipeline.cli import one_line, one_line_errors
 from train.dist import lost_contact_message, lost_peer
 from train.outdir import Interrupted, stop_signals
 
 
-@one_line_on_out_of_memory("--batch-size (last.pt, if written, holds the last finished epoch: --resume auto)")
+@one_line_errors("--batch-size (last.pt, if written, holds the last finished epoch: --resume auto)")
 def cli(argv: list[str] | None = None) -> int:
     try:
         with stop_signals():
             from train.run import main
 
             main(argv)
-    except UserError as err:
-        say_error(str(err))
-        return err.exit_code
     except RuntimeError as err:
         if not lost_peer(err):
             raise  # a bug keeps its traceback

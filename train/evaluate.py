@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from pipeline import LOADERS
-from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
+from pipeline.cli import OneLineParser, given_path, one_line_errors, output_file, writable_folder
 from pipeline.data import CLASSES, IMAGE_SHAPE
-from pipeline.errors import CheckpointError, DataError, UserError
+from pipeline.errors import CheckpointError, DataError
 from train.checkpoint import load_checkpoint, restore, save_json
 from train.config import DEVICES, TTAS, TrainConfig
 from train.data import load_data, make_eval_loader
@@ -85,6 +85,7 @@ def score(cfg: TrainConfig, net: nn.Module, device: torch.device) -> dict:
     return {"split": data.eval_name, **numbers}
 
 
+@one_line_errors("--images (fewer files at a time)")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,37 +103,33 @@ def main(argv: list[str] | None = None) -> int:
             writable_folder(args.json.parent, "--json")  # before the work, not after it
     except ValueError as err:
         p.error(str(err))
-    try:
-        device = resolve_device(args.device, Dist())
-        cfg, saved, net = load_run(args.checkpoint, device, data_dir=args.data_dir, tta=args.tta, loader=args.loader)
-        if args.images:
-            images = torch.from_numpy(read_images(args.images)).to(device)
-            with torch.no_grad():
-                top = Classifier(net, cfg).to(device)(images).cpu().topk(3)
-            rows = []
-            for path, chances, classes in zip(args.images, *top, strict=True):
-                top3 = {CLASSES[c]: float(p) for p, c in zip(chances, classes, strict=True)}
-                print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top3.items()))
-                rows.append({"image": str(path), "top3": top3})
-            if args.json:
-                save_json({"checkpoint": str(args.checkpoint), "images": rows}, args.json)
-            return 0
-        result = {"checkpoint": str(args.checkpoint), "epoch": saved["epoch"], "tta": cfg.tta}
-        result.update(score(cfg, net, device))
-        split, logged = result["split"], saved["history"][-1]
-        print(
-            f"{args.checkpoint} (epoch {result['epoch']}) on {result['images']:,} {split} images, tta {cfg.tta}: "
-            f"loss {result['loss']:.4f} acc {result['acc']:.2%}"
-        )
-        if f"{split}_acc" in logged:  # not with --eval-every on an epoch it skipped
-            print(f"the run logged for this epoch: loss {logged[f'{split}_loss']:.4f} acc {logged[f'{split}_acc']:.2%}")
-        for name, acc in result["per_class"].items():
-            print(f"  {name:<11}{acc:8.2%}")
+    device = resolve_device(args.device, Dist())
+    cfg, saved, net = load_run(args.checkpoint, device, data_dir=args.data_dir, tta=args.tta, loader=args.loader)
+    if args.images:
+        images = torch.from_numpy(read_images(args.images)).to(device)
+        with torch.no_grad():
+            top = Classifier(net, cfg).to(device)(images).cpu().topk(3)
+        rows = []
+        for path, chances, classes in zip(args.images, *top, strict=True):
+            top3 = {CLASSES[c]: float(p) for p, c in zip(chances, classes, strict=True)}
+            print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top3.items()))
+            rows.append({"image": str(path), "top3": top3})
         if args.json:
-            save_json(result, args.json)
-    except UserError as err:
-        say_error(str(err))
-        return err.exit_code
+            save_json({"checkpoint": str(args.checkpoint), "images": rows}, args.json)
+        return 0
+    result = {"checkpoint": str(args.checkpoint), "epoch": saved["epoch"], "tta": cfg.tta}
+    result.update(score(cfg, net, device))
+    split, logged = result["split"], saved["history"][-1]
+    print(
+        f"{args.checkpoint} (epoch {result['epoch']}) on {result['images']:,} {split} images, tta {cfg.tta}: "
+        f"loss {result['loss']:.4f} acc {result['acc']:.2%}"
+    )
+    if f"{split}_acc" in logged:  # not with --eval-every on an epoch it skipped
+        print(f"the run logged for this epoch: loss {logged[f'{split}_loss']:.4f} acc {logged[f'{split}_acc']:.2%}")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<11}{acc:8.2%}")
+    if args.json:
+        save_json(result, args.json)
     return 0
 
 

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline.cli import OneLineParser, given_path, output_file, say_error, writable_folder
-from pipeline.errors import ConfigError, OutputError, UserError
+from pipeline.cli import OneLineParser, given_path, one_line_errors, output_file, writable_folder
+from pipeline.errors import ConfigError, OutputError
 from train.checkpoint import atomic_write
 from train.data import load_data
 from train.dist import Dist
@@ -59,6 +59,7 @@ def to_checked_onnx(classifier: Classifier, images: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@one_line_errors("what else runs on this machine")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,16 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         writable_folder(args.out.parent, "out")  # before the work, not after it
     except ValueError as err:
         p.error(str(err))
-    try:
-        if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime")):
-            raise ConfigError("python -m train.export needs onnx and onnxruntime: pip install -e '.[export]'")
-        cfg, _, net = load_run(args.checkpoint, torch.device("cpu"), data_dir=args.data_dir)
-        images = load_data(cfg, Dist()).eval_x[:CHECK_IMAGES]
-        model = to_checked_onnx(Classifier(net, cfg).eval(), images)
-        atomic_write(args.out, lambda f: f.write(model))
-    except UserError as err:
-        say_error(str(err))
-        return err.exit_code
+    if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime")):
+        raise ConfigError("python -m train.export needs onnx and onnxruntime: pip install -e '.[export]'")
+    cfg, _, net = load_run(args.checkpoint, torch.device("cpu"), data_dir=args.data_dir)
+    images = load_data(cfg, Dist()).eval_x[:CHECK_IMAGES]
+    model = to_checked_onnx(Classifier(net, cfg).eval(), images)
+    atomic_write(args.out, lambda f: f.write(model))
     print(f"{args.out}: uint8 RGB [N, 32, 32, 3] -> probabilities [N, 10]; onnxruntime agrees on {len(images)} images")
     return 0
 

@@ -24,9 +24,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.cli import OneLineParser, given_path, output_dir, say_error
+from pipeline.cli import OneLineParser, given_path, one_line_errors, output_dir
 from pipeline.data import CLASSES
-from pipeline.errors import DataError, OutputError, UserError
+from pipeline.errors import DataError, OutputError
 from pipeline.files import os_reason
 from train.checkpoint import atomic_write
 from train.outdir import PLOT_FILES
@@ -214,6 +214,7 @@ def save_predictions(path: Path, images: np.ndarray, labels: np.ndarray, probabi
     atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
+@one_line_errors("the number of runs")
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(
         prog="python -m train.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,20 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(".") if compare else runs[0])
     if (out / "metrics.json").exists() and (compare or out.resolve() != runs[0].resolve()):
         p.error(f"--out {out} is a training run's folder, whose files are that run's own; give --out another folder")
+    for run in runs:
+        if not (run / "metrics.json").is_file():
+            raise DataError(f"{run}/metrics.json not found: is {run} a training run's --out?")
     try:
-        for run in runs:
-            if not (run / "metrics.json").is_file():
-                raise DataError(f"{run}/metrics.json not found: is {run} a training run's --out?")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"--out {out}: cannot create the folder ({os_reason(err)})") from None
-        written = [out / COMPARE_FILE] if compare else write_run_plots(runs[0], out)
-        if compare:
-            plot_curves(runs, written[0])
-    except UserError as err:
-        say_error(str(err))
-        return err.exit_code
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"--out {out}: cannot create the folder ({os_reason(err)})") from None
+    written = [out / COMPARE_FILE] if compare else write_run_plots(runs[0], out)
+    if compare:
+        plot_curves(runs, written[0])
     print("\n".join(map(str, written)))
     return 0
 
